@@ -1,0 +1,53 @@
+"""Choosing UNet transformer blocks by meaning: block names and map resolution.
+
+A block spec is "all" or a comma list of `input`, `middle`, `output`, optionally with a block
+number or range: `output:3-5`, `input:7`. Resolution is the map side relative to the latent side,
+from the call's token count, so one setting means the same on SD1.x at 512 px and SDXL at 1024 px.
+"""
+
+from __future__ import annotations
+
+import math
+
+BLOCK_NAMES = ("input", "middle", "output")
+
+
+def parse_block_spec(spec: str) -> list[tuple[str, int | None, int | None]]:
+    """Parse a block spec into (name, first, last) ranges; raises ValueError with a fix."""
+    text = (spec or "").strip().lower()
+    if text in ("", "all"):
+        return [(name, None, None) for name in BLOCK_NAMES]
+    ranges = []
+    for part in text.split(","):
+        part = part.strip()
+        name, _, numbers = part.partition(":")
+        name = name.strip()
+        if name not in BLOCK_NAMES:
+            raise ValueError(f"unknown block '{part}' in '{spec}': use 'all' or a comma list of "
+                             f"input, middle, output with optional numbers, e.g. 'input:7-8, output:3-5'")
+        if not numbers:
+            ranges.append((name, None, None))
+            continue
+        lo, _, hi = numbers.partition("-")
+        try:
+            first = int(lo)
+            last = int(hi) if hi else first
+        except ValueError:
+            raise ValueError(f"bad block numbers in '{part}': expected e.g. '{name}:3' or '{name}:3-5'") from None
+        if first < 0 or last < first:
+            raise ValueError(f"bad block range in '{part}': numbers must be >= 0 and ascending")
+        ranges.append((name, first, last))
+    return ranges
+
+
+def block_selected(ranges, name: str, number: int) -> bool:
+    for r_name, first, last in ranges:
+        if r_name == name and (first is None or first <= number <= last):
+            return True
+    return False
+
+
+def map_side_ratio(tokens: int, latent_shape) -> float:
+    """Side of an attention map relative to the latent side (1, 1/2, 1/4, ...)."""
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    return math.sqrt(tokens / float(h * w))

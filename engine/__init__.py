@@ -1,0 +1,1 @@
+"""ComfyUI-facing machinery shared by the nodes: patch registration, inversion, branch sampling."""

@@ -1,0 +1,105 @@
+"""DDIM inversion in ComfyUI's sigma space.
+
+With x = x0 + sigma * eps, a deterministic DDIM step is an Euler step x' = x + (sigma' - sigma) eps,
+so inversion runs it backwards from the clean latent, with eps taken at the current point (the usual
+eps(x_{t+1}) ~ eps(x_t) approximation). The host's model wrapper turns eps- and v-prediction and SDXL
+into the same `denoised`, so eps = (x - denoised) / sigma serves every family alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+
+from ..attention.layout import INVERSION, LAYOUT_KEY, BranchLayout
+from ..attention.schedule import SCHEDULE_KEY
+from .conditioning import conditioning_key
+from .handle import InversionHandle, model_fingerprint
+from .patching import unet_of
+
+
+def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
+    """The full sampling schedule (steps + 1 sigmas, descending, ending at 0)."""
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler '{scheduler}', expected one of {comfy.samplers.SCHEDULER_NAMES}")
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu().float()
+
+
+def inverted_part(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of the schedule a partial (SDEdit-style) inversion covers: round(strength * N) steps."""
+    steps = len(sigmas) - 1
+    k = max(1, min(steps, round(strength * steps)))
+    return sigmas[steps - k:]
+
+
+def check_latent_fits(model, samples: torch.Tensor) -> None:
+    """Channels and size must fit the model, and the latent must be finite, before any compute."""
+    unet = unet_of(model)
+    channels = model.model.latent_format.latent_channels
+    if samples.dim() != 4:
+        raise ValueError(f"expected an image latent of shape (batch, channels, height, width), got {tuple(samples.shape)}")
+    if samples.shape[1] != channels:
+        raise ValueError(f"the latent has {samples.shape[1]} channels but this model expects {channels}: "
+                         f"encode the image with this model's VAE")
+    factor = 2 ** (len(getattr(unet, "channel_mult", [1, 1, 1, 1])) - 1)
+    h, w = samples.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"the latent is {h}x{w} but this model needs sides divisible by {factor} "
+                         f"({factor * 8} px): resize or crop the image")
+    if not torch.isfinite(samples).all():
+        raise ValueError("the latent contains NaN or infinite values")
+
+
+def with_run_options(model, layout: BranchLayout, full_schedule: torch.Tensor):
+    """A clone publishing the branch layout and the full schedule to the attention patches."""
+    m = model.clone()
+    options = m.model_options.setdefault("transformer_options", {})
+    options[LAYOUT_KEY] = layout.as_options()
+    options[SCHEDULE_KEY] = [float(s) for s in full_schedule]
+    return m
+
+
+def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: float, steps: int, scheduler: str,
+           strength: float, callback=None) -> tuple[torch.Tensor, InversionHandle]:
+    """Invert a batch of image latents; returns the noisiest latent (VAE latent space) and the handle."""
+    full = schedule(model, scheduler, steps)
+    sigmas = inverted_part(full, strength)
+    images = samples.shape[0]
+    m = with_run_options(model, BranchLayout((INVERSION,), images), full)
+    sigma_floor = float(model.get_model_object("model_sampling").sigma_min)
+    record = {}
+
+    def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        n = len(sigmas) - 1
+        latents = [None] * (n + 1)
+        eps_at = [None] * (n + 1)
+        latents[n] = x
+        s_in = x.new_ones([x.shape[0]])
+        for step, j in enumerate(range(n, 0, -1)):
+            # The clean latent sits at sigma 0, where eps is undefined: read it at the model's smallest sigma.
+            sigma = float(sigmas[j]) if float(sigmas[j]) > 0 else sigma_floor
+            denoised = model_k(x, sigma * s_in, **(extra_args or {}))
+            eps = (x - denoised) / sigma
+            eps_at[j] = eps
+            x = x + (float(sigmas[j - 1]) - float(sigmas[j])) * eps
+            latents[j - 1] = x
+            if callback is not None:
+                callback({"x": x, "i": step, "sigma": sigmas[j - 1], "sigma_hat": sigmas[j - 1], "denoised": denoised})
+        eps_at[0] = torch.full_like(x, float("nan"))
+        device = comfy.model_management.intermediate_device()
+        record["latents"] = torch.stack(latents).to(device)
+        record["eps"] = torch.stack(eps_at).to(device)
+        return x
+
+    guider = comfy.samplers.CFGGuider(m)
+    guider.set_conds(positive, negative if negative is not None else positive)
+    guider.set_cfg(cfg)
+    zeros = torch.zeros_like(samples)
+    noisy = guider.sample(zeros, samples, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, callback=callback,
+                          disable_pbar=True, seed=0)
+    handle = InversionHandle(latents=record["latents"], sigmas=sigmas.clone(), eps=record["eps"], steps=steps,
+                             scheduler=scheduler, strength=strength, cfg=cfg, model_key=model_fingerprint(model),
+                             conditioning_key=conditioning_key(positive))
+    return noisy.to(comfy.model_management.intermediate_device()), handle

@@ -1,0 +1,46 @@
+"""Patching uniform cross-attention (UAM) onto a model."""
+
+from __future__ import annotations
+
+from ..attention.blocks import block_selected, parse_block_spec
+from ..attention.layout import AUX, INVERSION, read_layout
+from ..attention.schedule import in_step_window
+from ..attention.uniform import uniform_attention
+from .patching import add_attention_replace
+
+SCOPE_ALL = "all"
+SCOPE_INVERSION_AND_AUX = "inversion_and_aux"
+SCOPES = (SCOPE_ALL, SCOPE_INVERSION_AND_AUX)
+
+
+def apply_uniform_attention(model, scope: str = SCOPE_ALL, start: float = 0.0, end: float = 1.0,
+                            blocks: str = "all"):
+    """A clone of `model` whose cross-attention is uniform where scope, steps and blocks say."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope '{scope}', expected one of {SCOPES}")
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"the step window must satisfy 0 <= start < end <= 1, got start={start}, end={end}")
+    ranges = parse_block_spec(blocks)
+    m = model.clone()
+
+    def make_patch(previous):
+        def uniform_cross_attention(q, k, v, extra_options):
+            if not in_step_window(extra_options, start, end):
+                return previous(q, k, v, extra_options)
+            if scope == SCOPE_ALL:
+                return uniform_attention(v, q.shape[1])
+            layout = read_layout(extra_options)
+            rows = [] if layout is None else layout.rows(INVERSION, q.shape[0]) + layout.rows(AUX, q.shape[0])
+            if not rows:
+                return previous(q, k, v, extra_options)
+            if len(rows) == q.shape[0]:
+                return uniform_attention(v, q.shape[1])
+            out = previous(q, k, v, extra_options).clone()
+            out[rows] = uniform_attention(v[rows], q.shape[1]).to(out.dtype)
+            return out
+        return uniform_cross_attention
+
+    count = add_attention_replace(m, "attn2", make_patch, lambda key: block_selected(ranges, key[0], key[1]))
+    if count == 0:
+        raise ValueError(f"the block selection '{blocks}' matches no cross-attention block of this model")
+    return m

@@ -1,0 +1,8 @@
+"""Thin V3 node classes: validate inputs, call engine/ and attention/, return outputs."""
+
+from .edit_sampler import EditSampler
+from .injection import SelfAttentionInjection
+from .inversion import DDIMInversion, InversionReconstruct
+from .uniform_attention import UniformAttention
+
+NODES = [DDIMInversion, InversionReconstruct, UniformAttention, SelfAttentionInjection, EditSampler]

@@ -1,0 +1,87 @@
+
+import comfy.sample
+import latent_preview
+from comfy_api.latest import io
+
+from ..attention.layout import SOURCE, TARGET
+from ..engine.branches import Branch, sample_branches
+from ..engine.inversion import check_latent_fits, schedule
+from .common import CATEGORY, Inversion, check_conditioning, latent_output
+from .inversion import DEFAULT_SCHEDULER, SCHEDULERS, image_mask
+
+
+class EditSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnEdit_EditSampler",
+            display_name="Edit Sampler (source + target branches)",
+            category=f"{CATEGORY}/sampling",
+            description="Runs the source branch (the original prompt) and the target branch (the edited prompt) "
+                        "together, one batched model call per step, with DDIM. The attention patches on the model "
+                        "(self-attention injection, uniform attention) read the branch layout this node publishes. "
+                        "Real image: connect an inversion; the source is pinned to its trajectory, so it is "
+                        "reconstructed exactly. Generated image: connect a latent (EmptyLatentImage) and a seed; "
+                        "both branches start from the same noise.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model, patched with AttnEdit_SelfAttentionInjection and/or "
+                                                "AttnEdit_UniformAttention."),
+                io.Conditioning.Input("source", tooltip="The source prompt: what the image shows (for a real image, "
+                                                        "usually the inversion's prompt)."),
+                io.Conditioning.Input("target", tooltip="The target prompt: the edited description."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt, shared by both branches."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance for both branches (the papers use 7.5)."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="DDIM steps. With an inversion it must equal the inversion's steps."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default=DEFAULT_SCHEDULER,
+                               tooltip="With an inversion it must equal the inversion's scheduler."),
+                io.Boolean.Input("pin_source", default=True,
+                                 tooltip="Real images: replace the source branch by the inversion trajectory at every "
+                                         "step (exact source reconstruction, as FPE and DirectInversion do)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Generated images: the noise both branches start from."),
+                Inversion.Input("inversion", optional=True,
+                                tooltip="Real image: the handle from AttnEdit_DDIMInversion."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Generated image: the latent size and batch (EmptyLatentImage). "
+                                        "Ignored when an inversion is connected."),
+            ],
+            outputs=[
+                io.Latent.Output("edited_latent", tooltip="The target branch: the edited image latent."),
+                io.Latent.Output("source_latent", tooltip="The source branch: the reconstruction or original generation."),
+                io.Mask.Output("mask", tooltip="The final edit mask at image resolution (all ones without a mask)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, source, target, negative, cfg, steps, scheduler, pin_source, seed,
+                inversion=None, latent=None) -> io.NodeOutput:
+        for cond, name in ((source, "source"), (target, "target"), (negative, "negative")):
+            check_conditioning(cond, name)
+        branches = [Branch(SOURCE, source, negative), Branch(TARGET, target, negative)]
+        if inversion is not None:
+            inversion.check_model(model)
+            inversion.check_steps(steps)
+            if scheduler != inversion.scheduler:
+                raise ValueError(f"the inversion used the '{inversion.scheduler}' scheduler but '{scheduler}' was "
+                                 f"asked for: use the same scheduler")
+            full = schedule(model, scheduler, steps)
+            images = inversion.images
+            callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
+            run = sample_branches(model, branches, cfg, inversion.sigmas, full, images, trajectory=inversion.latents,
+                                  pin=SOURCE if pin_source else None, callback=callback)
+        elif latent is not None:
+            samples = latent["samples"]
+            check_latent_fits(model, samples)
+            full = schedule(model, scheduler, steps)
+            noise = comfy.sample.prepare_noise(samples, seed)
+            callback = latent_preview.prepare_callback(model, steps)
+            run = sample_branches(model, branches, cfg, full, full, samples.shape[0], noise=noise, callback=callback)
+        else:
+            raise ValueError("connect an inversion (real image) or a latent such as EmptyLatentImage (generated image)")
+        edited = run.latents[TARGET]
+        return io.NodeOutput(latent_output(edited), latent_output(run.latents[SOURCE]), image_mask(edited, run.mask))
+
+
+

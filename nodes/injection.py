@@ -1,0 +1,46 @@
+from comfy_api.latest import io
+
+from ..attention.injection import MODES
+from ..engine.injection import apply_injection
+from .common import CATEGORY
+
+
+class SelfAttentionInjection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnEdit_SelfAttentionInjection",
+            display_name="Self-Attention Injection (FPE / MasaCtrl)",
+            category=f"{CATEGORY}/attention",
+            description="Makes the edit sampler's target branch keep the source's layout by reading self-attention "
+                        "from the source branch. 'fpe' (Free-Prompt-Editing, arXiv 2403.03431): the target uses the "
+                        "source's self-attention map, attention(Q_src, K_src, V_tgt), early in the schedule. "
+                        "'masactrl' (mutual self-attention): the target queries the source's keys and values, "
+                        "attention(Q_tgt, K_src, V_src), from a given step and layer. No attention map is built. "
+                        "Acts only inside AttnEdit_EditSampler; stock samplers are unaffected.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
+                io.Combo.Input("mode", options=list(MODES), default=MODES[0],
+                               tooltip="fpe: replace the target's self-attention map by the source's. "
+                                       "masactrl: target queries attend to the source's keys and values."),
+                io.Float.Input("fpe_ratio", default=0.8, min=0.0, max=1.0, step=0.05,
+                               tooltip="fpe only: inject for the first ratio x N steps. The paper uses 0.8 for "
+                                       "real images and 0.4 for generated ones; lower lets the edit change more."),
+                io.Float.Input("fpe_max_map_side", default=0.5, min=0.0, max=1.0, step=0.125,
+                               tooltip="fpe only: inject in self-attention layers whose map side is at most this "
+                                       "fraction of the latent side (0.5 = maps up to 32x32 at 512 px: 11 of SD1.5's "
+                                       "16 layers; the same meaning on SDXL at 1024 px)."),
+                io.Int.Input("masactrl_start_step", default=4, min=0, max=1000,
+                             tooltip="masactrl only: first step with mutual self-attention (MasaCtrl default 4)."),
+                io.Int.Input("masactrl_start_layer", default=-1, min=-1, max=200,
+                             tooltip="masactrl only: first transformer block (execution order) with mutual "
+                                     "self-attention. -1 = auto: the first decoder block at half the latent side or "
+                                     "more (= MasaCtrl's layer 10 of 16 on SD1.x/2.x; output block 3 on SDXL)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with self-attention injection for the edit sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, fpe_ratio, fpe_max_map_side, masactrl_start_step, masactrl_start_layer) -> io.NodeOutput:
+        return io.NodeOutput(apply_injection(model, mode, fpe_ratio, fpe_max_map_side, masactrl_start_step,
+                                             masactrl_start_layer))

@@ -1,0 +1,122 @@
+import torch
+
+import comfy.samplers
+import latent_preview
+from comfy_api.latest import io
+
+from ..attention.layout import SOURCE
+from ..engine.branches import Branch, sample_branches
+from ..engine.inversion import check_latent_fits, invert, schedule
+from .common import CATEGORY, Inversion, check_conditioning, latent_output
+
+SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
+DEFAULT_SCHEDULER = "ddim_uniform"  # DDIM's evenly spaced timesteps (t = 1, 21, ..., 981 at 50 steps)
+
+
+class DDIMInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnEdit_DDIMInversion",
+            display_name="DDIM Inversion",
+            category=f"{CATEGORY}/inversion",
+            description="Runs deterministic DDIM backwards from an image latent to noise and keeps the whole "
+                        "trajectory in an inversion handle: invert once, then reconstruct or edit many times "
+                        "(ComfyUI caches this node, so changing only a downstream prompt does not re-run it). "
+                        "Put AttnEdit_UniformAttention in front of the model for UAM inversion. The LATENT output "
+                        "also works in a stock KSamplerAdvanced (add_noise disabled, same steps and scheduler, cfg 1).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to invert with; its patches apply (e.g. uniform attention)."),
+                io.Latent.Input("latent", tooltip="The image latent(s) from VAEEncode; a batch is inverted as a batch."),
+                io.Conditioning.Input("positive", tooltip="The prompt to invert with. The papers (FPE, UAM) invert "
+                                                          "with the empty prompt: CLIPTextEncode with no text."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Only used when cfg is not 1. Inverting at cfg above 1 drifts; "
+                                              "keep cfg 1 unless you know why."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Guidance during inversion. 1 (no guidance) reconstructs best."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="DDIM steps of the full schedule (the papers use 50). Edits must use the same."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default=DEFAULT_SCHEDULER,
+                               tooltip="ddim_uniform gives DDIM's evenly spaced timesteps, as in the papers."),
+                io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule to invert: 1 = up to pure noise; 0.5 = only the "
+                                       "last half of the steps (SDEdit-style edits, InstDiffEdit's default)."),
+            ],
+            outputs=[
+                io.Latent.Output("noisy_latent", tooltip="The latent at the noisiest inverted step."),
+                Inversion.Output("inversion", tooltip="The trajectory, sigmas and predictions, for AttnEdit_EditSampler "
+                                                      "and AttnEdit_InversionReconstruct."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, steps, strength):
+        if steps < 1:
+            return f"steps must be at least 1, got {steps}"
+        if not 0.0 < strength <= 1.0:
+            return f"strength must be in (0, 1], got {strength}"
+        return True
+
+    @classmethod
+    def execute(cls, model, latent, positive, cfg, steps, scheduler, strength, negative=None) -> io.NodeOutput:
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        samples = latent["samples"]
+        check_latent_fits(model, samples)
+        check_conditioning(positive, "positive")
+        if cfg != 1.0:
+            if negative is None:
+                raise ValueError("cfg is not 1, so inversion needs a negative conditioning: connect one or set cfg 1")
+            check_conditioning(negative, "negative")
+        k = max(1, min(steps, round(strength * steps)))
+        callback = latent_preview.prepare_callback(model, k)
+        noisy, handle = invert(model, samples, positive, negative, cfg, steps, scheduler, strength, callback)
+        return io.NodeOutput(latent_output(noisy), handle)
+
+
+class InversionReconstruct(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnEdit_InversionReconstruct",
+            display_name="Reconstruct from Inversion",
+            category=f"{CATEGORY}/inversion",
+            description="Samples back from an inversion handle with DDIM to reproduce the inverted image: the way "
+                        "to see how faithful an inversion is (plain DDIM, UAM, cfg). With pin_source the "
+                        "trajectory is enforced at every step and the result is the input up to float error.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with (same checkpoint as the inversion)."),
+                Inversion.Input("inversion", tooltip="From AttnEdit_DDIMInversion."),
+                io.Conditioning.Input("positive", tooltip="The prompt to reconstruct with (the inversion's, usually)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (only matters when cfg is not 1)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Guidance; the inversion's cfg reconstructs best (1 by default)."),
+                io.Boolean.Input("pin_source", default=False,
+                                 tooltip="Replace the latent by the stored trajectory at every step (exact)."),
+            ],
+            outputs=[io.Latent.Output("latent", tooltip="The reconstructed latent; decode it with the VAE.")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, positive, negative, cfg, pin_source) -> io.NodeOutput:
+        inversion.check_model(model)
+        check_conditioning(positive, "positive")
+        check_conditioning(negative, "negative")
+        full = schedule(model, inversion.scheduler, inversion.steps)
+        callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
+        run = sample_branches(model, [Branch(SOURCE, positive, negative)], cfg, inversion.sigmas, full,
+                              inversion.images, trajectory=inversion.latents, pin=SOURCE if pin_source else None,
+                              callback=callback)
+        return io.NodeOutput(latent_output(run.latents[SOURCE]))
+
+
+def image_mask(latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A MASK (batch, height, width) at image resolution from a latent-resolution mask or all ones."""
+    b, _, h, w = latent.shape
+    if mask is None:
+        return torch.ones(b, h * 8, w * 8)
+    mask = mask.float().reshape(b, 1, *mask.shape[-2:])
+    return torch.nn.functional.interpolate(mask, size=(h * 8, w * 8), mode="nearest").reshape(b, h * 8, w * 8)

@@ -1,0 +1,44 @@
+from comfy_api.latest import io
+
+from ..engine.uniform import SCOPES, apply_uniform_attention
+from .common import CATEGORY, block_spec_error
+
+
+class UniformAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnEdit_UniformAttention",
+            display_name="Uniform Cross-Attention (UAM)",
+            category=f"{CATEGORY}/attention",
+            description="Replaces cross-attention probabilities by 1/T over the T text tokens, i.e. the output "
+                        "becomes the mean of V over tokens (UAM, arXiv 2411.19652). Used for inversion it removes "
+                        "the prompt dependence that makes DDIM inversion drift, so reconstruction is closer. "
+                        "Cheaper than normal attention: no scores, no softmax.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a patched clone is returned)."),
+                io.Combo.Input("scope", options=list(SCOPES), default=SCOPES[0],
+                               tooltip="'all': every row of every model call (use for UAM inversion, and in "
+                                       "stock samplers). 'inversion_and_aux': only the inversion branch and the "
+                                       "edit sampler's auxiliary reconstruction branch; the source and target "
+                                       "branches keep normal attention, and stock samplers are unaffected."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where uniform attention starts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where it stops (1 = through the last step)."),
+                io.String.Input("blocks", default="all",
+                                tooltip="Which UNet blocks: 'all', or a comma list of input, middle, output with "
+                                        "optional numbers, e.g. 'input:7-8, middle, output:3-5'."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with uniform cross-attention.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, blocks, start_percent, end_percent):
+        if not start_percent < end_percent:
+            return f"start_percent ({start_percent}) must be below end_percent ({end_percent})"
+        return block_spec_error(blocks)
+
+    @classmethod
+    def execute(cls, model, scope, start_percent, end_percent, blocks) -> io.NodeOutput:
+        return io.NodeOutput(apply_uniform_attention(model, scope, start_percent, end_percent, blocks))
