@@ -1,8 +1,7 @@
 """attention-edit: tuning-free, attention-based image editing for ComfyUI (SD1.x, SD2.x, SDXL)."""
 
-from typing_extensions import override
-
 from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
 
 from .nodes import NODES
 

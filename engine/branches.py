@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 import comfy.model_management
 import comfy.samplers
+import torch
 
 from ..attention.layout import SOURCE, TARGET, BranchLayout
 from .conditioning import stack_conditionings

@@ -8,10 +8,9 @@ into the same `denoised`, so eps = (x - denoised) / sigma serves every family al
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.samplers
+import torch
 
 from ..attention.layout import INVERSION, LAYOUT_KEY, BranchLayout
 from ..attention.schedule import SCHEDULE_KEY

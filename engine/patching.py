@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import comfy.model_patcher
 from comfy.ldm.modules.attention import optimized_attention

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from comfy_api.latest import io
 
 from ..attention.blocks import parse_block_spec

@@ -1,7 +1,6 @@
-import torch
-
 import comfy.samplers
 import latent_preview
+import torch
 from comfy_api.latest import io
 
 from ..attention.layout import SOURCE

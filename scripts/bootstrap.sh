@@ -10,6 +10,15 @@ HOST_VERSION=0.3.75
 HOST_DIR=${ATTN_EDIT_HOST:-$HOME/.cache/attention-edit/ComfyUI-$HOST_VERSION}
 STAMP=.venv/.attn-edit-ready-$HOST_VERSION
 
+if [ "${1:-}" = "--browser" ]; then
+  # Browser tests: Debian's chromium (never `playwright install`, which downloads a browser).
+  if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+  exit 0
+fi
+
 if [ -f "$STAMP" ] && [ -f "$HOST_DIR/main.py" ] && [ "$STAMP" -nt requirements-dev.txt ]; then
   exit 0
 fi

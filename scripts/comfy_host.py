@@ -60,9 +60,8 @@ def add_host_to_path() -> None:
     install_torchvision_shim()
     if str(HOST_DIR) not in sys.path:
         sys.path.insert(0, str(HOST_DIR))
-    import torch
-
     import comfy.cli_args
+    import torch
 
     if not torch.cuda.is_available():  # the host would otherwise ask CUDA for a device at import
         comfy.cli_args.args.cpu = True
@@ -99,7 +98,7 @@ class ComfyServer:
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> "ComfyServer":
+    def start(self, timeout: float = 120.0) -> ComfyServer:
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "serve", "--base-directory", str(self.base),
                "--port", str(self.port), *self.extra_args]
         self._log = open(self.log_path, "w")

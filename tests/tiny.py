@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
+import torch
 
 CONTEXT_DIM = {"sd15": 32, "sd2v": 48, "sdxl": 48}
 POOLED_DIM = 32  # SDXL: adm = pooled + 6 size embeddings of 256
