@@ -27,7 +27,11 @@ def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
 
 
 def inverted_part(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
-    """The tail of the schedule a partial (SDEdit-style) inversion covers: round(strength * N) steps."""
+    """The tail of the schedule a partial (SDEdit-style) inversion covers: round(strength * N) steps.
+
+    N counts the schedule's actual steps (ddim_uniform can give one more than asked when 1000 is not a
+    multiple of the step count, as in stock samplers).
+    """
     steps = len(sigmas) - 1
     k = max(1, min(steps, round(strength * steps)))
     return sigmas[steps - k:]

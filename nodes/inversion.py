@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..attention.layout import SOURCE
 from ..engine.branches import Branch, sample_branches
-from ..engine.inversion import check_latent_fits, invert, schedule
+from ..engine.inversion import check_latent_fits, invert, inverted_part, schedule
 from .common import CATEGORY, Inversion, check_conditioning, latent_output
 
 SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
@@ -70,8 +70,8 @@ class DDIMInversion(io.ComfyNode):
             if negative is None:
                 raise ValueError("cfg is not 1, so inversion needs a negative conditioning: connect one or set cfg 1")
             check_conditioning(negative, "negative")
-        k = max(1, min(steps, round(strength * steps)))
-        callback = latent_preview.prepare_callback(model, k)
+        inverted = len(inverted_part(schedule(model, scheduler, steps), strength)) - 1
+        callback = latent_preview.prepare_callback(model, inverted)
         noisy, handle = invert(model, samples, positive, negative, cfg, steps, scheduler, strength, callback)
         return io.NodeOutput(latent_output(noisy), handle)
 

@@ -77,6 +77,7 @@ def build(family: str = "sd15", seed: int = 0) -> comfy.model_patcher.ModelPatch
     with torch.no_grad():  # a calm output layer: predictions of noise-like size that vary smoothly with x
         model.diffusion_model.out[-1].weight.mul_(OUTPUT_GAIN)
     model.eval()
+    model.requires_grad_(False)  # inference only, as under the host's inference_mode
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 

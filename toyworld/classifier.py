@@ -11,9 +11,11 @@ rule tolerates mild noise, blur and off-palette colours:
   a 3x3 square, then 4-connected components smaller than ``MIN_COMPONENT_PIXELS`` (at 128 px) are
   dropped as specks;
 * colour: the nearest ``COLOURS`` entry to the median of the component's interior pixels;
-* shape: from two scale-free features of the component, its fill of the bounding box
-  (circle pi/4, square 1, triangle 1/2, cross ~0.58) and its solidity, area over convex-hull area
-  (about 1 except for a cross, ~0.73); thresholds lie halfway between the nominal values;
+* shape: from three scale-free features of the component: how far its centroid sits below the
+  middle of its bounding box, as a fraction of the box height (1/6 for the upright triangle, 0 for
+  the symmetric shapes); its solidity, area over convex-hull area (about 1 except for a cross,
+  ~0.73); and its fill of the bounding box (square 1, circle pi/4). Each threshold lies halfway
+  between the nominal values it separates;
 * size: the radius implied by the area for the detected shape, against the midpoint of the small
   and large radii;
 * position: the centroid's x against thresholds halfway between the placement ranges of
@@ -43,14 +45,15 @@ MIN_FOREGROUND_DISTANCE = 40.0
 MIN_COMPONENT_PIXELS = 20
 """Components smaller than this (at 128 px, scaled by area) are noise, not objects."""
 
+# Nominal feature values of the ideal shapes (see the module docstring).
+_TRIANGLE_CENTROID_OFFSET = 1 / 6  # centroid at 2/3 of the height from the apex, box middle at 1/2
+_CROSS_SOLIDITY = scenes.shape_area_factor("cross") / scenes.shape_hull_area_factor("cross")
 _SQUARE_FILL = 1.0
 _CIRCLE_FILL = math.pi / 4
-_TRIANGLE_FILL = scenes.shape_area_factor("triangle") / 4
-_CROSS_SOLIDITY = scenes.shape_area_factor("cross") / scenes.shape_hull_area_factor("cross")
 
+TRIANGLE_OFFSET_THRESHOLD = _TRIANGLE_CENTROID_OFFSET / 2
 CROSS_SOLIDITY_THRESHOLD = (1.0 + _CROSS_SOLIDITY) / 2
 SQUARE_FILL_THRESHOLD = (_SQUARE_FILL + _CIRCLE_FILL) / 2
-CIRCLE_FILL_THRESHOLD = (_CIRCLE_FILL + _TRIANGLE_FILL) / 2
 
 SIZE_RADIUS_THRESHOLD = (scenes.SIZES["small"] + scenes.SIZES["large"]) / 2
 
@@ -78,8 +81,9 @@ class DetectedObject:
     position: str
     centroid: tuple[float, float]
     area: int
-    fill: float
+    centroid_offset: float
     solidity: float
+    fill: float
     mask: np.ndarray
 
     def as_dict(self) -> dict[str, Any]:
@@ -91,8 +95,9 @@ class DetectedObject:
             "position": self.position,
             "centroid": self.centroid,
             "area": self.area,
-            "fill": self.fill,
+            "centroid_offset": self.centroid_offset,
             "solidity": self.solidity,
+            "fill": self.fill,
         }
 
 
@@ -146,19 +151,24 @@ def _convex_hull_area(mask: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
-def classify_shape(fill: float, solidity: float) -> str:
-    """Shape from bounding-box fill and solidity (see the module docstring)."""
+def classify_shape(centroid_offset: float, solidity: float, fill: float) -> str:
+    """Shape from the centroid's offset from the box middle, solidity and fill (see the module docstring).
+
+    The triangle is told by its lopsided centroid rather than its low fill because removing noisy
+    edge pixels clips its apex, which raises its fill towards a circle's but keeps it lopsided.
+    The offset is taken unsigned so that an upside-down triangle from a generator still counts.
+    """
+    if abs(centroid_offset) > TRIANGLE_OFFSET_THRESHOLD:
+        return "triangle"
     if solidity < CROSS_SOLIDITY_THRESHOLD:
         return "cross"
     if fill >= SQUARE_FILL_THRESHOLD:
         return "square"
-    if fill >= CIRCLE_FILL_THRESHOLD:
-        return "circle"
-    return "triangle"
+    return "circle"
 
 
 def classify_position(centroid_x: float, width: int) -> str:
-    """"left", "center" or "right" from the centroid's x in an image `width` pixels wide."""
+    """Position ("left", "center" or "right") from the centroid's x in an image `width` pixels wide."""
     x = centroid_x * scenes.REFERENCE_SIZE / width
     if x < LEFT_THRESHOLD:
         return "left"
@@ -195,10 +205,12 @@ def find_objects(image: np.ndarray) -> list[DetectedObject]:
         if area < MIN_COMPONENT_PIXELS * area_scale:
             continue
         ys, xs = np.nonzero(mask)
-        box_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-        fill = area / float(box_area)
+        box_width, box_height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        fill = area / float(box_width * box_height)
         solidity = area / _convex_hull_area(mask)
-        shape = classify_shape(fill, solidity)
+        # Pixel centres are at +0.5, so the box middle is (min + max + 1) / 2 in centre coordinates.
+        centroid_offset = float((ys.mean() + 0.5 - (ys.min() + ys.max() + 1) / 2) / box_height)
+        shape = classify_shape(centroid_offset, solidity, fill)
 
         radius = math.sqrt(area / area_scale / scenes.shape_area_factor(shape))
         size = "large" if radius >= SIZE_RADIUS_THRESHOLD else "small"
@@ -217,8 +229,9 @@ def find_objects(image: np.ndarray) -> list[DetectedObject]:
                 position=classify_position(centroid[0], width),
                 centroid=centroid,
                 area=area,
-                fill=fill,
+                centroid_offset=centroid_offset,
                 solidity=solidity,
+                fill=fill,
                 mask=mask,
             )
         )

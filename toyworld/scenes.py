@@ -514,6 +514,7 @@ def make_edit_pairs(
     """
     pairs = []
     for kind in kinds:
+        _check_name("edit kind", kind, EDIT_KINDS)
         kind_index = EDIT_KINDS.index(kind)
         for i in range(n_per_kind):
             rng = np.random.default_rng([seed, _EDIT_STREAM, kind_index, i])

@@ -1,0 +1,93 @@
+"""Pure math of attention/: uniform attention, injection, layouts, block specs, schedules."""
+
+import math
+
+import pytest
+import torch
+
+from attention_edit.attention.blocks import block_selected, map_side_ratio, parse_block_spec
+from attention_edit.attention.injection import FPE, MASACTRL, substitute_inputs
+from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout, read_layout
+from attention_edit.attention.schedule import SCHEDULE_KEY, in_step_window, step_position
+from attention_edit.attention.uniform import uniform_attention
+
+
+def explicit_attention(q, k, v, heads, probs=None):
+    """Reference multi-head attention with an optional explicit probability matrix."""
+    b, n, c = q.shape
+    d = c // heads
+    qh, kh, vh = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    if probs is None:
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return (probs @ vh).transpose(1, 2).reshape(b, n, c)
+
+
+def test_uniform_attention_equals_explicit_one_over_t_and_ignores_q():
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.randn(2, 10, 8, generator=g), torch.randn(2, 77, 8, generator=g)
+    k = torch.randn(2, 77, 8, generator=g)
+    uniform = torch.full((2, 2, 10, 77), 1 / 77)
+    expected = explicit_attention(q, k, v, heads=2, probs=uniform)
+    assert torch.allclose(uniform_attention(v, 10), expected, atol=1e-6)
+    assert torch.equal(uniform_attention(v, 10), uniform_attention(v, 10))  # Q never enters
+    # Token sequences repeated to a common length (the host's concat) give the same mean.
+    assert torch.allclose(uniform_attention(v.repeat(1, 2, 1), 10), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [FPE, MASACTRL])
+def test_injection_equals_its_formula(mode):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 16, 8, generator=g) for _ in range(3))
+    originals = [t.clone() for t in (q, k, v)]
+    src, tgt = [0, 2], [1, 3]
+    q2, k2, v2 = substitute_inputs(q, k, v, mode, src, tgt)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), originals))  # inputs are not mutated
+    out = explicit_attention(q2, k2, v2, heads=2)
+    for s, t in zip(src, tgt):
+        one = lambda a: a[t:t + 1]  # noqa: E731
+        src_ = lambda a: a[s:s + 1]  # noqa: E731
+        if mode == FPE:  # target uses the source's map: softmax(Q_src K_src^T) V_tgt
+            d = 4
+            qh, kh = (a.reshape(1, 16, 2, d).transpose(1, 2) for a in (src_(q), src_(k)))
+            probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+            expected = explicit_attention(src_(q), src_(k), one(v), heads=2, probs=probs)
+        else:  # target queries the source: attention(Q_tgt, K_src, V_src)
+            expected = explicit_attention(one(q), src_(k), src_(v), heads=2)
+        assert torch.allclose(out[t:t + 1], expected, atol=1e-5)
+        # source rows unchanged
+        assert torch.allclose(out[s:s + 1], explicit_attention(src_(q), src_(k), src_(v), heads=2), atol=1e-5)
+
+
+def test_layout_rows_per_chunk_and_call():
+    layout = BranchLayout((SOURCE, TARGET, AUX), images=2)
+    assert layout.rows(SOURCE, 6) == [0, 1]
+    assert layout.rows(TARGET, 6) == [2, 3]
+    assert layout.rows(AUX, 12) == [4, 5, 10, 11]  # cond and uncond chunks in one call
+    assert layout.rows("missing", 6) == []
+    assert layout.rows(SOURCE, 5) == []  # not this layout's call
+    assert read_layout({"attn_edit_layout": layout.as_options()}) == layout
+    assert read_layout({}) is None
+
+
+def test_block_spec_parsing_and_errors():
+    ranges = parse_block_spec("input:7-8, middle, output:3")
+    assert block_selected(ranges, "input", 7) and block_selected(ranges, "input", 8)
+    assert not block_selected(ranges, "input", 4)
+    assert block_selected(ranges, "middle", 0) and block_selected(ranges, "output", 3)
+    assert not block_selected(ranges, "output", 4)
+    assert all(block_selected(parse_block_spec("all"), n, 5) for n in ("input", "middle", "output"))
+    for bad in ("bogus", "input:x", "output:5-3"):
+        with pytest.raises(ValueError):
+            parse_block_spec(bad)
+    assert map_side_ratio(16 * 16, (1, 4, 64, 64)) == 0.25
+
+
+def test_step_position_and_window():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    opts = {"sample_sigmas": sigmas, "sigmas": torch.tensor([2.0])}
+    assert step_position(opts) == (2, 4)
+    # A published full schedule wins over the (partial) sample_sigmas.
+    opts[SCHEDULE_KEY] = [20.0, 10.0, 5.0, 2.0, 1.0, 0.0]
+    assert step_position(opts) == (3, 5)
+    assert in_step_window(opts, 0.0, 0.8) and not in_step_window(opts, 0.0, 0.6)
+    assert step_position({}) is None and in_step_window({}, 0.2, 0.4)
