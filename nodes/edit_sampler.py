@@ -48,9 +48,12 @@ class EditSampler(io.ComfyNode):
                                         "Ignored when an inversion is connected."),
             ],
             outputs=[
-                io.Latent.Output("edited_latent", tooltip="The target branch: the edited image latent."),
-                io.Latent.Output("source_latent", tooltip="The source branch: the reconstruction or original generation."),
-                io.Mask.Output("mask", tooltip="The final edit mask at image resolution (all ones without a mask)."),
+                io.Latent.Output("edited_latent", display_name="edited_latent",
+                    tooltip="The target branch: the edited image latent."),
+                io.Latent.Output("source_latent", display_name="source_latent",
+                    tooltip="The source branch: the reconstruction or original generation."),
+                io.Mask.Output("mask", display_name="mask",
+                    tooltip="The final edit mask at image resolution (all ones without a mask)."),
             ],
         )
 

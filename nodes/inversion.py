@@ -43,8 +43,10 @@ class DDIMInversion(io.ComfyNode):
                                        "last half of the steps (SDEdit-style edits, InstDiffEdit's default)."),
             ],
             outputs=[
-                io.Latent.Output("noisy_latent", tooltip="The latent at the noisiest inverted step."),
-                Inversion.Output("inversion", tooltip="The trajectory, sigmas and predictions, for AttnEdit_EditSampler "
+                io.Latent.Output("noisy_latent", display_name="noisy_latent",
+                    tooltip="The latent at the noisiest inverted step."),
+                Inversion.Output("inversion", display_name="inversion",
+                    tooltip="The trajectory, sigmas and predictions, for AttnEdit_EditSampler "
                                                       "and AttnEdit_InversionReconstruct."),
             ],
         )
@@ -96,7 +98,8 @@ class InversionReconstruct(io.ComfyNode):
                 io.Boolean.Input("pin_source", default=False,
                                  tooltip="Replace the latent by the stored trajectory at every step (exact)."),
             ],
-            outputs=[io.Latent.Output("latent", tooltip="The reconstructed latent; decode it with the VAE.")],
+            outputs=[io.Latent.Output("latent", display_name="latent",
+                                      tooltip="The reconstructed latent; decode it with the VAE.")],
         )
 
     @classmethod

@@ -187,7 +187,10 @@ def _serve(argv: list[str]) -> None:
     if "--base-directory" in argv:
         base = pathlib.Path(argv[argv.index("--base-directory") + 1])
         prepare_base_directory(base)
-    args = ["main.py", "--cpu", "--listen", "127.0.0.1", *argv]
+    # The default database lives in the host tree's user/ folder, which the cached tree lacks: the host
+    # would log "Failed to initialize database" on every start. An in-memory one is all a run needs.
+    db = [] if "--database-url" in argv else ["--database-url", "sqlite:///:memory:"]
+    args = ["main.py", "--cpu", "--listen", "127.0.0.1", *db, *argv]
     sys.argv = args
     runpy.run_path(str(HOST_DIR / "main.py"), run_name="__main__")
 

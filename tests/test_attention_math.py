@@ -44,8 +44,12 @@ def test_injection_equals_its_formula(mode):
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), originals))  # inputs are not mutated
     out = explicit_attention(q2, k2, v2, heads=2)
     for s, t in zip(src, tgt):
-        one = lambda a: a[t:t + 1]  # noqa: E731
-        src_ = lambda a: a[s:s + 1]  # noqa: E731
+        def one(a, t=t):
+            return a[t:t + 1]
+
+        def src_(a, s=s):
+            return a[s:s + 1]
+
         if mode == FPE:  # target uses the source's map: softmax(Q_src K_src^T) V_tgt
             d = 4
             qh, kh = (a.reshape(1, 16, 2, d).transpose(1, 2) for a in (src_(q), src_(k)))

@@ -1,10 +1,10 @@
 """DDIM inversion on tiny SD1.x (eps), SD2.x (v-prediction) and SDXL models through the host's code."""
 
+import comfy.model_management
+import comfy.utils
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.utils
 import nodes as comfy_nodes
 import tiny
 from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
