@@ -3,6 +3,7 @@
 from .edit_sampler import EditSampler
 from .injection import SelfAttentionInjection
 from .inversion import DDIMInversion, InversionReconstruct
+from .toy_loader import ToyModelLoader
 from .uniform_attention import UniformAttention
 
-NODES = [DDIMInversion, InversionReconstruct, UniformAttention, SelfAttentionInjection, EditSampler]
+NODES = [DDIMInversion, InversionReconstruct, UniformAttention, SelfAttentionInjection, EditSampler, ToyModelLoader]

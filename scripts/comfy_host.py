@@ -67,6 +67,20 @@ def add_host_to_path() -> None:
         comfy.cli_args.args.cpu = True
 
 
+def register_pack(name: str = "attention_edit") -> None:
+    """Make the pack importable as `name` in this process without running its __init__.
+
+    The pure modules (attention/) import without ComfyUI this way; nodes/ and engine/ need the host
+    on sys.path (add_host_to_path). ComfyUI itself loads the pack through __init__.
+    """
+    import types
+
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [str(REPO)]
+        sys.modules[name] = package
+
+
 def prepare_base_directory(base: pathlib.Path) -> pathlib.Path:
     """A ComfyUI base directory with this pack in custom_nodes/ and the usual model folders."""
     base = pathlib.Path(base)

@@ -6,17 +6,11 @@ way the pure modules are meant to be importable; host tests load __init__ throug
 
 import pathlib
 import sys
-import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
 
 import comfy_host  # noqa: E402
 
 comfy_host.add_host_to_path()
-
-if "attention_edit" not in sys.modules:
-    package = types.ModuleType("attention_edit")
-    package.__path__ = [str(REPO)]
-    sys.modules["attention_edit"] = package
+comfy_host.register_pack()

@@ -14,7 +14,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-CONTEXT_DIM = {"sd15": 32, "sd2v": 48, "sdxl": 48}
+CONTEXT_DIM = {"sd15": 32, "sd2v": 48, "sdxl": 48, "sd15_full": 768}
 POOLED_DIM = 32  # SDXL: adm = pooled + 6 size embeddings of 256
 
 CONFIGS = {
@@ -33,11 +33,16 @@ CONFIGS = {
 }
 
 FAMILIES = tuple(CONFIGS)
+
+# The real SD1.5 UNet (860 M parameters): benchmarks only, it costs exactly what the real model costs.
+SD15_FULL = dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                 transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False)
 OUTPUT_GAIN = 0.03
 
 
 def _unet_config(family: str) -> dict:
-    cfg = dict(CONFIGS[family])
+    cfg = dict(SD15_FULL if family == "sd15_full" else CONFIGS[family])
     cfg.update(in_channels=4, out_channels=4, use_spatial_transformer=True, legacy=False, image_size=32,
                use_temporal_attention=False, use_temporal_resblock=False)
     cfg.setdefault("adm_in_channels", None)
@@ -59,7 +64,7 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
 
 def build(family: str = "sd15", seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     unet_config = _unet_config(family)
-    if family == "sd15":
+    if family in ("sd15", "sd15_full"):
         config = comfy.supported_models.SD15(unet_config)
         model_type = comfy.model_base.ModelType.EPS
     elif family == "sd2v":
@@ -68,12 +73,16 @@ def build(family: str = "sd15", seed: int = 0) -> comfy.model_patcher.ModelPatch
     else:
         config = comfy.supported_models.SDXL(unet_config)
         model_type = comfy.model_base.ModelType.EPS
-    # Small heads for small widths (the real configs ask for 8 heads or 64 channels per head).
-    config.unet_config.update(num_heads=-1, num_head_channels=16)
+    if family != "sd15_full":  # small heads for small widths (real configs: 8 heads or 64 channels each)
+        config.unet_config.update(num_heads=-1, num_head_channels=16)
     config.set_inference_dtype(torch.float32, None)
     cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
     model = cls(config, model_type=model_type, device=torch.device("cpu"))
     init_weights(model.diffusion_model, seed)
+    if family == "sd15_full":
+        return comfy.model_patcher.ModelPatcher(model.eval().requires_grad_(False),
+                                                load_device=comfy.model_management.get_torch_device(),
+                                                offload_device=torch.device("cpu"))
     with torch.no_grad():  # a calm output layer: predictions of noise-like size that vary smoothly with x
         model.diffusion_model.out[-1].weight.mul_(OUTPUT_GAIN)
     model.eval()
