@@ -209,6 +209,15 @@ def _serve(argv: list[str]) -> None:
     runpy.run_path(str(HOST_DIR / "main.py"), run_name="__main__")
 
 
+def serve_foreground(argv: list[str]) -> None:
+    """Run the host in a child process in the foreground (a fresh interpreter: the host owns its imports)."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "serve", *argv]
+    try:
+        subprocess.run(cmd, cwd=str(HOST_DIR), check=False)
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "serve":
         sys.exit(__doc__)

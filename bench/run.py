@@ -1,0 +1,54 @@
+"""`make bench`: run the benchmarks and write bench/results/<device>.json.
+
+    python -m bench.run [--device cpu|cuda] [--only perf] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+
+from .common import REPO, Recorder, setup
+
+SUITES = ("perf",)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--only", nargs="*", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", default=None, help="result file (default bench/results/<device>.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but torch sees no CUDA device")
+    rec = Recorder(args.device)
+    started = time.perf_counter()
+    if "perf" in args.only:
+        from . import perf
+
+        perf.run(rec, args.device, repeats=args.repeats)
+    name = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", rec.common["device"].lower()).strip("-")
+    out = REPO / "bench" / "results" / f"{name}.json" if args.output is None else args.output
+    out = type(REPO)(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec.records, indent=1) + "\n")
+    logging.info("%d records in %.0f s on %s -> %s", len(rec.records), time.perf_counter() - started,
+                 rec.common["device"], out)
+    for r in rec.records:
+        goal = r.get("goal")
+        status = "" if goal is None else f"  (goal {goal}: {'met' if r['value'] <= goal else 'NOT met'})"
+        print(f"{r['metric']:<45} {r['value']:.4g} {r['unit']}{status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
