@@ -176,7 +176,7 @@ class ComfyServer:
                 status = entry.get("status", {})
                 if status.get("completed") or status.get("status_str") in ("success", "error"):
                     if status.get("status_str") != "success":
-                        raise RuntimeError(f"prompt failed: {json.dumps(status.get('messages'))[-3000:]}")
+                        raise RuntimeError(f"prompt failed: {_error_summary(status)}")
                     return entry
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout}s")
@@ -191,6 +191,14 @@ class ComfyServer:
                 folder = self.base / img.get("type", "output") / img.get("subfolder", "")
                 files.append(folder / img["filename"])
         return files
+
+
+def _error_summary(status: dict) -> str:
+    """The node and message of an execution error in a /history status (not the whole input dump)."""
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_message', '').strip()}"
+    return json.dumps(status.get("messages"))[-2000:]
 
 
 def _serve(argv: list[str]) -> None:

@@ -184,3 +184,30 @@ def test_edit_sampler_errors_before_compute(world):
     with pytest.raises(ValueError, match="NaN"):
         edit(model, conds["src"], [[torch.full_like(conds["tgt"][0][0], float("nan")), conds["tgt"][0][1]]],
              conds["empty"], handle=handle)
+
+
+def test_patches_wrap_an_existing_attention_replace_instead_of_overwriting_it(world):
+    """Another pack's attn replace stays in effect: ours call it (so packs compose)."""
+    name, model, lat, conds, noisy, handle = world
+    from attention_edit.engine.patching import default_attention
+
+    calls = {"attn1": 0, "attn2": 0}
+
+    def counting(kind):
+        def patch(q, k, v, extra_options):
+            calls[kind] += 1
+            return default_attention(q, k, v, extra_options)
+        return patch
+
+    other = model.clone()
+    for key in transformer_blocks(model):
+        other.set_model_attn1_replace(counting("attn1"), *key)
+        other.set_model_attn2_replace(counting("attn2"), *key)
+    ours = inject(uniform(other, scope="inversion_and_aux"), "fpe")
+    stock(ours, conds["src"], conds["empty"], noisy)  # outside our scope: every call reaches the other patch
+    blocks = len(transformer_blocks(model))
+    assert calls == {"attn1": STEPS * blocks, "attn2": STEPS * blocks}
+    # Inside our scope the other attn1 patch still runs, on the injected inputs.
+    calls.update(attn1=0, attn2=0)
+    edit(ours, conds["empty"], conds["tgt"], conds["empty"], handle=handle)
+    assert calls["attn1"] == STEPS * blocks

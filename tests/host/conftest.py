@@ -26,16 +26,20 @@ PLACEHOLDER_CHECKPOINT = "attn_edit_placeholder.safetensors"
 def write_model_files(base: pathlib.Path) -> dict[str, str]:
     """Model files the host tests refer to, written before the server starts (it lists folders at start).
 
-    For now only a placeholder checkpoint: a valid safetensors file that no loader can turn into a
-    model. Tiny real checkpoints (tests/tiny.py) go here once a host test needs a graph that runs.
+    A placeholder checkpoint (a valid safetensors file that no loader can turn into a model), and the
+    toy-world model for graphs that really run.
     """
     import torch
     from safetensors.torch import save_file
 
+    from attention_edit.engine.toymodel import demo_model_file
+
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     save_file({"placeholder": torch.zeros(1)}, str(checkpoints / PLACEHOLDER_CHECKPOINT))
-    return {"placeholder_checkpoint": PLACEHOLDER_CHECKPOINT}
+    # The toy-world model in the pack's own models/ folder (trained if present, else seeded random).
+    toy = pathlib.Path(demo_model_file(str(comfy_host.REPO / "models"))).name
+    return {"placeholder_checkpoint": PLACEHOLDER_CHECKPOINT, "toy_model": toy}
 
 
 @pytest.fixture(scope="session")
