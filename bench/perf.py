@@ -8,7 +8,7 @@ from __future__ import annotations
 MODEL = "SD1.5 architecture (seeded random weights)"
 
 
-def run(rec, device: str, steps: int = 4, latent_side: int = 16, repeats: int = 5) -> None:
+def run(rec, device: str, steps: int = 4, latent_side: int = 32, repeats: int = 5) -> None:
     import nodes as comfy_nodes
     import tiny
     from attention_edit.nodes.edit_sampler import EditSampler

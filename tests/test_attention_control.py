@@ -211,3 +211,33 @@ def test_patches_wrap_an_existing_attention_replace_instead_of_overwriting_it(wo
     calls.update(attn1=0, attn2=0)
     edit(ours, conds["empty"], conds["tgt"], conds["empty"], handle=handle)
     assert calls["attn1"] == STEPS * blocks
+
+
+def test_edit_sampler_reports_one_tick_per_step_and_can_be_cancelled():
+    import comfy.model_management
+    import comfy.utils
+
+    name = "sd15"
+    model = inject(tiny.build(name), "fpe")
+    lat, empty, tgt = tiny.latent(), tiny.conditioning(name, 1), tiny.conditioning(name, 3)
+    _, handle = invert(model, lat, empty)
+    ticks, cancel_at = [], [None]
+
+    def hook(value, total, preview, node_id=None):
+        ticks.append((value, total))
+        if value == cancel_at[0]:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        edit(model, empty, tgt, empty, handle=handle)
+        assert ticks == [(i, STEPS) for i in range(1, STEPS + 1)]
+        ticks.clear()
+        cancel_at[0] = 2
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            edit(model, empty, tgt, empty, handle=handle)
+        assert len(ticks) == 2
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
