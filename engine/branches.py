@@ -52,7 +52,7 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     pin_rows = layout.rows(pin, layout.rows_per_chunk) if pin else []
     preview_rows = layout.rows(TARGET if TARGET in names else names[-1], layout.rows_per_chunk)
     if strategy is not None:
-        strategy.begin(layout, sigmas, trajectory)
+        strategy.begin(layout, sigmas, trajectory, model.get_model_object("model_sampling"))
 
     def branch_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         n = len(sigmas) - 1

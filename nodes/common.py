@@ -9,6 +9,7 @@ from ..attention.blocks import parse_block_spec
 
 CATEGORY = "attention_edit"
 Inversion = io.Custom("ATTN_EDIT_INVERSION")
+MaskStrategy = io.Custom("ATTN_EDIT_MASK_STRATEGY")
 
 
 def block_spec_error(blocks: str) -> bool | str:

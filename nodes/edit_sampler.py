@@ -1,12 +1,15 @@
 
+import torch
+
 import comfy.sample
 import latent_preview
 from comfy_api.latest import io
 
-from ..attention.layout import SOURCE, TARGET
+from ..attention.layout import AUX, SOURCE, TARGET
 from ..engine.branches import Branch, sample_branches
+from ..engine.masks import FixedMaskStrategy
 from ..engine.inversion import check_latent_fits, schedule
-from .common import CATEGORY, Inversion, check_conditioning, latent_output
+from .common import CATEGORY, Inversion, MaskStrategy, check_conditioning, latent_output
 from .inversion import DEFAULT_SCHEDULER, SCHEDULERS, image_mask
 
 
@@ -46,6 +49,12 @@ class EditSampler(io.ComfyNode):
                 io.Latent.Input("latent", optional=True,
                                 tooltip="Generated image: the latent size and batch (EmptyLatentImage). "
                                         "Ignored when an inversion is connected."),
+                MaskStrategy.Input("mask_strategy", optional=True,
+                                   tooltip="How the edit is confined: AttnEdit_AdaptiveMask (UAM). Without one the "
+                                           "whole image may change."),
+                io.Mask.Input("edit_mask", optional=True,
+                              tooltip="Any ComfyUI MASK (1 = may change): outside it the edited image keeps the "
+                                      "source exactly at every step. Used when no mask_strategy is connected."),
             ],
             outputs=[
                 io.Latent.Output("edited_latent", display_name="edited_latent",
@@ -59,10 +68,18 @@ class EditSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, source, target, negative, cfg, steps, scheduler, pin_source, seed,
-                inversion=None, latent=None) -> io.NodeOutput:
+                inversion=None, latent=None, mask_strategy=None, edit_mask=None) -> io.NodeOutput:
         for cond, name in ((source, "source"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
         branches = [Branch(SOURCE, source, negative), Branch(TARGET, target, negative)]
+        strategy = mask_strategy
+        if strategy is None and edit_mask is not None:
+            if not torch.isfinite(edit_mask).all():
+                raise ValueError("the mask contains NaN or infinite values")
+            strategy = FixedMaskStrategy(edit_mask)
+        if strategy is not None and strategy.needs_aux:
+            # UAM's auxiliary reconstruction: the source prompt, its own negative (cfg is then a no-op).
+            branches.append(Branch(AUX, source, source))
         if inversion is not None:
             inversion.check_model(model)
             inversion.check_steps(steps)
@@ -73,14 +90,15 @@ class EditSampler(io.ComfyNode):
             images = inversion.images
             callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
             run = sample_branches(model, branches, cfg, inversion.sigmas, full, images, trajectory=inversion.latents,
-                                  pin=SOURCE if pin_source else None, callback=callback)
+                                  pin=SOURCE if pin_source else None, strategy=strategy, callback=callback)
         elif latent is not None:
             samples = latent["samples"]
             check_latent_fits(model, samples)
             full = schedule(model, scheduler, steps)
             noise = comfy.sample.prepare_noise(samples, seed)
             callback = latent_preview.prepare_callback(model, steps)
-            run = sample_branches(model, branches, cfg, full, full, samples.shape[0], noise=noise, callback=callback)
+            run = sample_branches(model, branches, cfg, full, full, samples.shape[0], noise=noise, strategy=strategy,
+                                  callback=callback)
         else:
             raise ValueError("connect an inversion (real image) or a latent such as EmptyLatentImage (generated image)")
         edited = run.latents[TARGET]

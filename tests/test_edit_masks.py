@@ -1,0 +1,103 @@
+"""Mask strategies inside the edit sampler: user MASKs and UAM's adaptive mask, on the three families."""
+
+import pytest
+import torch
+
+import tiny
+from attention_edit.nodes.edit_sampler import EditSampler
+from attention_edit.nodes.masks import AdaptiveMask
+from attention_edit.nodes.uniform_attention import UniformAttention
+from test_attention_control import STEPS, invert
+
+
+def edit(model, source, target, negative, handle, mask_strategy=None, mask=None):
+    out = EditSampler.execute(model=model, source=source, target=target, negative=negative, cfg=7.5, steps=STEPS,
+                              scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle,
+                              mask_strategy=mask_strategy, edit_mask=mask).args
+    return out[0]["samples"], out[1]["samples"], out[2]
+
+
+def adaptive(lam=0.5, t_mask=200.0, dilation="edit_region", blend_source=False):
+    return AdaptiveMask.execute(lambda_max=lam, t_mask=t_mask, dilation=dilation, blend_source=blend_source).args[0]
+
+
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def world(request):
+    name = request.param
+    model = tiny.build(name)
+    lat = tiny.latent()
+    empty, tgt = tiny.conditioning(name, 1), tiny.conditioning(name, 3)
+    _, handle = invert(model, lat, empty)
+    return name, model, lat, empty, tgt, handle
+
+
+def test_user_mask_keeps_everything_outside_it_exactly(world):
+    name, model, lat, empty, tgt, handle = world
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 40:88] = 1.0  # on the 8 px latent grid: rows 4-11, cols 5-10
+    edited, source, out_mask = edit(model, empty, tgt, empty, handle, mask=mask)
+    inside = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    inside[..., 4:12, 5:11] = True
+    outside = ~inside.expand_as(edited)
+    assert (edited - lat)[outside].abs().max() <= 1e-4  # the source reconstruction, exactly (pinned)
+    assert (edited - lat)[inside.expand_as(edited)].abs().max() > 1e-2  # the edit happened inside
+    assert torch.equal(out_mask, mask)
+    assert out_mask.min() >= 0 and out_mask.max() <= 1
+
+
+def test_adaptive_mask_runs_the_aux_branch_and_blends_in_the_last_steps(world):
+    name, model, lat, empty, tgt, handle = world
+    m = UniformAttention.execute(model=model, scope="inversion_and_aux", start_percent=0.0, end_percent=1.0,
+                                 blocks="all").args[0]
+    plain, _, ones = edit(m, empty, tgt, empty, handle)
+    assert torch.all(ones == 1)
+    edited, source, mask = edit(m, empty, tgt, empty, handle, mask_strategy=adaptive())
+    assert (source - lat).abs().max() <= 1e-4
+    assert mask.shape == (1, 128, 128) and mask.min() >= 0 and mask.max() <= 1
+    assert 0 < mask.mean() < 1
+    blend_effect = float((edited - plain).abs().max())
+    assert blend_effect > 1e-2  # the blend changed the result
+    # T_mask 0: never active, so the same as no mask: the aux rows do not disturb the others. The
+    # target is then computed in a batch of 6 rows instead of 4, a float-order difference two orders
+    # of magnitude below the blend's effect (measured up to 1.3e-4 on the SDXL fixture).
+    never, _, never_mask = edit(m, empty, tgt, empty, handle, mask_strategy=adaptive(t_mask=0.0))
+    assert float((never - plain).abs().max()) < blend_effect / 100
+    assert torch.all(never_mask == 1)
+
+
+def test_mask_errors():
+    with pytest.raises(ValueError, match="dilation"):
+        adaptive(dilation="bogus")
+    name = "sd15"
+    model = tiny.build(name)
+    lat, empty = tiny.latent(), tiny.conditioning(name, 1)
+    _, handle = invert(model, lat, empty)
+    with pytest.raises(ValueError, match="NaN"):
+        edit(model, empty, empty, empty, handle, mask=torch.full((1, 128, 128), float("nan")))
+
+
+def test_adaptive_strategy_blends_target_with_aux_outside_a_known_edit():
+    from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout
+    from attention_edit.engine.masks import AdaptiveMaskStrategy
+
+    layout = BranchLayout((SOURCE, TARGET, AUX), images=1)
+    model_sampling = tiny.build("sd15").get_model_object("model_sampling")
+    sigmas = torch.tensor([0.5, 0.2, 0.0])  # both steps below sigma(t=200)
+    strategy = AdaptiveMaskStrategy(lam=0.5, t_mask=200.0, dilation="edit_region", blend_source=True)
+    strategy.begin(layout, sigmas, None, model_sampling)
+    src = torch.zeros(1, 4, 8, 8)
+    tgt = src.clone()
+    tgt[..., 3:5, 3:5] = 2.0  # the edit
+    aux = torch.full_like(src, 0.25)
+    out = strategy.blend_denoised(1, None, torch.cat([src, tgt, aux]))
+    edit_region = torch.zeros(1, 4, 8, 8, dtype=torch.bool)
+    edit_region[..., 2:6, 2:6] = True  # 2x2 change dilated 3x3
+    assert torch.equal(out[1:2][edit_region], tgt[edit_region])
+    assert torch.equal(out[1:2][~edit_region], aux[~edit_region])
+    assert torch.equal(out[0:1][~edit_region], aux[~edit_region])  # the red line: source outside = aux
+    assert torch.equal(out[2:3], aux)
+    assert torch.equal(strategy.final_mask()[0], edit_region[0, 0].float())
+    # Above T_mask nothing is blended.
+    strategy.begin(layout, torch.tensor([20.0, 10.0, 0.0]), None, model_sampling)
+    same = torch.cat([src, tgt, aux])
+    assert torch.equal(strategy.blend_denoised(0, None, same), same) and strategy.final_mask() is None
