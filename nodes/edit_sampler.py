@@ -1,14 +1,13 @@
 
-import torch
-
 import comfy.sample
 import latent_preview
+import torch
 from comfy_api.latest import io
 
 from ..attention.layout import AUX, SOURCE, TARGET
 from ..engine.branches import Branch, sample_branches
-from ..engine.masks import FixedMaskStrategy
 from ..engine.inversion import check_latent_fits, schedule
+from ..engine.masks import FixedMaskStrategy
 from .common import CATEGORY, Inversion, MaskStrategy, check_conditioning, latent_output
 from .inversion import DEFAULT_SCHEDULER, SCHEDULERS, image_mask
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from test_attention_control import STEPS, invert
 
 import tiny
 from attention_edit.nodes.edit_sampler import EditSampler
 from attention_edit.nodes.masks import AdaptiveMask
 from attention_edit.nodes.uniform_attention import UniformAttention
-from test_attention_control import STEPS, invert
 
 
 def edit(model, source, target, negative, handle, mask_strategy=None, mask=None):
