@@ -49,8 +49,8 @@ class EditSampler(io.ComfyNode):
                                 tooltip="Generated image: the latent size and batch (EmptyLatentImage). "
                                         "Ignored when an inversion is connected."),
                 MaskStrategy.Input("mask_strategy", optional=True,
-                                   tooltip="How the edit is confined: AttnEdit_AdaptiveMask (UAM). Without one the "
-                                           "whole image may change."),
+                                   tooltip="How the edit is confined: AttnEdit_InstantMask (InstDiffEdit) or "
+                                           "AttnEdit_AdaptiveMask (UAM). Without one the whole image may change."),
                 io.Mask.Input("edit_mask", optional=True,
                               tooltip="Any ComfyUI MASK (1 = may change): outside it the edited image keeps the "
                                       "source exactly at every step. Used when no mask_strategy is connected."),
@@ -76,6 +76,8 @@ class EditSampler(io.ComfyNode):
             if not torch.isfinite(edit_mask).all():
                 raise ValueError("the mask contains NaN or infinite values")
             strategy = FixedMaskStrategy(edit_mask)
+        if strategy is not None:
+            model = strategy.prepare(model)
         if strategy is not None and strategy.needs_aux:
             # UAM's auxiliary reconstruction: the source prompt, its own negative (cfg is then a no-op).
             branches.append(Branch(AUX, source, source))

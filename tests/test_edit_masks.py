@@ -101,3 +101,73 @@ def test_adaptive_strategy_blends_target_with_aux_outside_a_known_edit():
     strategy.begin(layout, torch.tensor([20.0, 10.0, 0.0]), None, model_sampling)
     same = torch.cat([src, tgt, aux])
     assert torch.equal(strategy.blend_denoised(0, None, same), same) and strategy.final_mask() is None
+
+
+def instant(words=((1,), (2, 3), (4,), (5,)), edit_words=None, **settings):
+    from attention_edit.engine.masks import InstantMaskStrategy
+
+    return InstantMaskStrategy([list(w) for w in words], edit_words, **settings)
+
+
+def test_instant_mask_keeps_the_source_outside_its_final_mask_exactly(world):
+    name, model, lat, empty, tgt, handle = world
+    strategy = instant(edit_words=[1])
+    edited, source, mask = edit(model, empty, tgt, empty, handle, mask_strategy=strategy)
+    assert (source - lat).abs().max() <= 1e-4
+    latent_mask = torch.nn.functional.interpolate(mask[:, None], size=(16, 16), mode="nearest").bool()
+    assert mask.shape == (1, 128, 128) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    outside = ~latent_mask.expand_as(edited)
+    assert outside.any(), "the mask covers everything"
+    assert (edited - lat)[outside].abs().max() <= 1e-4
+    # Only the low-resolution maps are kept: one (images, tokens, h, w) buffer at a quarter of the side.
+    assert strategy.peak_stored == 1 * 77 * 4 * 4
+
+
+def test_instant_mask_memory_does_not_grow_with_steps():
+    name = "sd15"
+    model = tiny.build(name)
+    lat, empty, tgt = tiny.latent(), tiny.conditioning(name, 1), tiny.conditioning(name, 3)
+    peaks = []
+    for steps in (4, 12):
+        _, handle = DDIMInversionRun(model, lat, empty, steps)
+        strategy = instant()
+        EditSampler.execute(model=model, source=empty, target=tgt, negative=empty, cfg=7.5, steps=steps,
+                            scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle,
+                            mask_strategy=strategy)
+        peaks.append(strategy.peak_stored)
+    assert peaks[0] == peaks[1] > 0
+
+
+def DDIMInversionRun(model, lat, cond, steps):
+    from attention_edit.nodes.inversion import DDIMInversion
+
+    return DDIMInversion.execute(model=model, latent={"samples": lat}, positive=cond, negative=None, cfg=1.0,
+                                 steps=steps, scheduler="ddim_uniform", strength=1.0).args
+
+
+@pytest.fixture(scope="module")
+def toy_clip():
+    from attention_edit.engine.toymodel import build_toy, default_config
+
+    return build_toy(default_config())[1]
+
+
+def test_words_are_found_through_the_clip_tokenizer(toy_clip):
+    from attention_edit.engine.tokens import prompt_word_positions, word_positions
+    from attention_edit.nodes.masks import InstantMask
+
+    prompt = "a large red watermelon next to a xylophonist"
+    groups = prompt_word_positions(toy_clip, prompt)
+    assert groups[0] == [1] and len(groups) == 8
+    multi = word_positions(toy_clip, prompt, ["xylophonist"])[0]
+    assert len(multi) > 1 and multi in groups  # a rare word spans several tokens, merged
+    assert word_positions(toy_clip, prompt, ["red watermelon"])[0] == groups[2] + groups[3]
+    with pytest.raises(ValueError, match="'dog' is not in the prompt"):
+        word_positions(toy_clip, prompt, ["dog"])
+    with pytest.raises(ValueError, match="not in the prompt"):
+        InstantMask.execute(clip=toy_clip, target_prompt=prompt, words="dog", map_side=0.25, object_similarity=0.9,
+                            background_similarity=0.6, blur_passes=2, threshold=0.2)
+    strategy = InstantMask.execute(clip=toy_clip, target_prompt=prompt, words="watermelon", map_side=0.25,
+                                   object_similarity=0.9, background_similarity=0.6, blur_passes=2,
+                                   threshold=0.2).args[0]
+    assert [strategy.words[i] for i in strategy.edit_words] == [groups[3]]
