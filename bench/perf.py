@@ -8,9 +8,11 @@ from __future__ import annotations
 MODEL = "SD1.5 architecture (seeded random weights)"
 
 
-def run(rec, device: str, steps: int = 4, latent_side: int = 32, repeats: int = 5) -> None:
+def run(rec, device: str, steps: int = 4, latent_side: int = 32, edit_latent_side: int = 24,
+        repeats: int = 5, family: str = "sd15_full") -> None:
     import nodes as comfy_nodes
     import tiny
+    from attention_edit.engine.masks import AdaptiveMaskStrategy, InstantMaskStrategy
     from attention_edit.nodes.edit_sampler import EditSampler
     from attention_edit.nodes.injection import SelfAttentionInjection
     from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
@@ -18,10 +20,11 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 32, repeats: int = 
 
     from .common import interleaved, ratio
 
-    model = tiny.build("sd15_full")
+    model = tiny.build(family)
+    model_name = MODEL if family == "sd15_full" else f"tiny {family} (smoke run)"
     resolution = f"{latent_side * 8}px (latent {latent_side}x{latent_side})"
     latent = tiny.latent(size=latent_side)
-    empty, source, target = (tiny.conditioning("sd15_full", s) for s in (1, 2, 3))
+    empty, source, target = (tiny.conditioning(family, s) for s in (1, 2, 3))
 
     def stock(m, cond, cfg, samples):
         return comfy_nodes.common_ksampler(m, 0, steps, cfg, "euler", "ddim_uniform", cond, empty,
@@ -34,33 +37,51 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 32, repeats: int = 
     # Inversion against a stock KSampler run of the same steps at cfg 1.
     times = interleaved({"stock": lambda: stock(model, empty, 1.0, latent), "invert": lambda: invert(model)},
                         repeats=repeats)
-    rec.add("inversion.cost_ratio_vs_stock", ratio(times, "invert", "stock"), "ratio", True, MODEL, resolution, steps,
+    rec.add("inversion.cost_ratio_vs_stock", ratio(times, "invert", "stock"), "ratio", True, model_name, resolution, steps,
             goal=1.05)
     noisy, handle = invert(model)
     recon = InversionReconstruct.execute(model=model, inversion=handle, positive=empty, negative=empty, cfg=1.0,
                                          pin_source=True).args[0]["samples"]
-    rec.add("inversion.pinned_recon_max_abs_err", float((recon - latent).abs().max()), "latent", True, MODEL,
+    rec.add("inversion.pinned_recon_max_abs_err", float((recon - latent).abs().max()), "latent", True, model_name,
             resolution, steps, goal=1e-4)
 
-    # Uniform attention, injection and the edit pass against stock generation, all at cfg 7.5.
+    # Uniform attention against stock sampling at cfg 7.5 (the saving is in the cross-attention scores).
     uniform = UniformAttention.execute(model=model, scope="all", start_percent=0.0, end_percent=1.0,
                                        blocks="all").args[0]
+    noisy_samples = noisy["samples"]
+    times = interleaved({"stock": lambda: stock(model, target, 7.5, noisy_samples),
+                         "uniform": lambda: stock(uniform, target, 7.5, noisy_samples)}, repeats=repeats)
+    rec.add("uniform.overhead_ratio", ratio(times, "uniform", "stock"), "ratio", True, model_name, resolution, steps, goal=1.0)
+
+    # The edit pass and its options against one stock generation, at a smaller latent (more variants).
+    side = edit_latent_side
+    edit_resolution = f"{side * 8}px (latent {side}x{side})"
+    small = tiny.latent(size=side)
+    _, small_handle = DDIMInversion.execute(model=model, latent={"samples": small}, positive=empty, negative=empty,
+                                            cfg=1.0, steps=steps, scheduler="ddim_uniform", strength=1.0).args
     fpe = SelfAttentionInjection.execute(model=model, mode="fpe", fpe_ratio=0.8, fpe_max_map_side=0.5,
                                          masactrl_start_step=4, masactrl_start_layer=-1).args[0]
+    uam = UniformAttention.execute(model=fpe, scope="inversion_and_aux", start_percent=0.0, end_percent=1.0,
+                                   blocks="all").args[0]
+    groups = [[[1]], [[2]], [[3]]]
 
-    def edit(m):
+    def edit(m, strategy=None):
         return EditSampler.execute(model=m, source=source, target=target, negative=empty, cfg=7.5, steps=steps,
-                                   scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle).args
+                                   scheduler="ddim_uniform", pin_source=True, seed=0, inversion=small_handle,
+                                   mask_strategy=strategy).args
 
-    noisy_samples = noisy["samples"]
     times = interleaved({
-        "stock": lambda: stock(model, target, 7.5, noisy_samples),
-        "uniform": lambda: stock(uniform, target, 7.5, noisy_samples),
+        "stock": lambda: stock(model, target, 7.5, small_handle.latents[0]),
         "edit_plain": lambda: edit(model),
         "edit_fpe": lambda: edit(fpe),
+        "edit_instant": lambda: edit(fpe, InstantMaskStrategy([g[0] for g in groups], [1])),
+        "edit_adaptive": lambda: edit(uam, AdaptiveMaskStrategy(t_mask=1000.0)),
     }, repeats=repeats)
-    rec.add("uniform.overhead_ratio", ratio(times, "uniform", "stock"), "ratio", True, MODEL, resolution, steps, goal=1.0)
-    rec.add("injection.overhead_ratio", ratio(times, "edit_fpe", "edit_plain"), "ratio", True, MODEL, resolution,
-            steps, goal=1.05)
-    rec.add("edit.cost_ratio_vs_generation", ratio(times, "edit_fpe", "stock"), "ratio", True, MODEL, resolution,
-            steps, goal=1.10, note="two branches recomputed each step (no source replay yet)")
+    rec.add("injection.overhead_ratio", ratio(times, "edit_fpe", "edit_plain"), "ratio", True, model_name,
+            edit_resolution, steps, goal=1.05)
+    rec.add("edit.cost_ratio_vs_generation", ratio(times, "edit_fpe", "stock"), "ratio", True, model_name,
+            edit_resolution, steps, goal=1.10, note="source and target recomputed each step (no source replay yet)")
+    rec.add("mask.instant_overhead_ratio", ratio(times, "edit_instant", "edit_fpe"), "ratio", True, model_name,
+            edit_resolution, steps, goal=1.05)
+    rec.add("mask.adaptive_overhead_ratio", ratio(times, "edit_adaptive", "edit_fpe"), "ratio", True, model_name,
+            edit_resolution, steps, note="adds the auxiliary uniform-attention branch; blending active every step")

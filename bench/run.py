@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", choices=SUITES, default=list(SUITES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=None, help="result file (default bench/results/<device>.json)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny models, 2 steps, 1 repeat: checks the benchmarks run (CI); numbers mean nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setup()
@@ -35,7 +37,10 @@ def main(argv=None) -> int:
     if "perf" in args.only:
         from . import perf
 
-        perf.run(rec, args.device, repeats=args.repeats)
+        if args.smoke:
+            perf.run(rec, args.device, steps=2, latent_side=16, edit_latent_side=16, repeats=1, family="sd15")
+        else:
+            perf.run(rec, args.device, repeats=args.repeats)
     name = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", rec.common["device"].lower()).strip("-")
     out = REPO / "bench" / "results" / f"{name}.json" if args.output is None else args.output
     out = type(REPO)(out)
