@@ -28,10 +28,9 @@ log = logging.getLogger("attention_edit.demo")
 
 def demo_prompt(workflow: dict, model_file: str, image_name: str) -> dict:
     """The API prompt of a UI workflow, pointed at the toy-world model and a toy-world image."""
-    import nodes
     from attention_edit.nodes import NODES
 
-    classes = dict(nodes.NODE_CLASS_MAPPINGS)
+    classes = dict(workflow_tools.host_node_classes())
     classes.update({n.define_schema().node_id: n for n in NODES})
     prompt = workflow_tools.ui_to_api(workflow, classes)
     for node in prompt.values():

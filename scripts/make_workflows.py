@@ -13,15 +13,16 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
 EXAMPLE_IMAGE = "example.png"
 SOURCE_PROMPT = "a large red circle in the center on a white background"
 TARGET_PROMPT = "a large blue circle in the center on a white background"
 
 
-def real_image_inputs(model_source=None):
+def real_image_inputs(checkpoint=SD15):
     """Loader, image, prompts: nodes 1-6 shared by the real-image workflows."""
     return {
-        1: ("CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        1: ("CheckpointLoaderSimple", {"ckpt_name": checkpoint}),
         2: ("LoadImage", {"image": EXAMPLE_IMAGE}),
         3: ("VAEEncode", {"pixels": (2, 0), "vae": (1, 2)}),
         4: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Empty prompt (inversion, source)"),
@@ -35,18 +36,21 @@ def decode_and_save(first_id, latent, prefix):
             first_id + 1: ("SaveImage", {"images": (first_id, 0), "filename_prefix": prefix})}
 
 
-def real_edit_uam():
-    """UAM: uniform-attention inversion with the empty prompt, MasaCtrl mutual self-attention in the edit."""
-    g = real_image_inputs()
+def real_edit_uam(checkpoint=SD15, prefix="uam"):
+    """UAM: uniform-attention inversion with the empty prompt, MasaCtrl mutual self-attention in the edit,
+    adaptive mask blending with the auxiliary uniform-attention branch."""
+    g = real_image_inputs(checkpoint)
     g.update({
         7: ("AttnEdit_UniformAttention", {"model": (1, 0), "scope": "inversion_and_aux"}),
         8: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50}),
         9: ("AttnEdit_SelfAttentionInjection", {"model": (7, 0), "mode": "masactrl"}),
+        15: ("AttnEdit_AdaptiveMask", {}),
         10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (4, 0), "target": (6, 0), "negative": (4, 0),
-                                      "inversion": (8, 1), "steps": 50, "cfg": 7.5}),
+                                      "inversion": (8, 1), "steps": 50, "cfg": 7.5, "mask_strategy": (15, 0)}),
     })
-    g.update(decode_and_save(11, (10, 0), "attention-edit/uam_edited"))
-    g.update(decode_and_save(13, (10, 1), "attention-edit/uam_source"))
+    g.update(decode_and_save(11, (10, 0), f"attention-edit/{prefix}_edited"))
+    g.update(decode_and_save(13, (10, 1), f"attention-edit/{prefix}_source"))
+    g.update({16: ("MaskToImage", {"mask": (10, 2)}), 17: ("PreviewImage", {"images": (16, 0)}, "Final mask")})
     return g
 
 
@@ -63,9 +67,83 @@ def real_edit_fpe():
     return g
 
 
+def generated_edit_fpe():
+    """Free-Prompt-Editing on a generated image: both branches from the same seed, r = 0.4."""
+    return {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        4: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Negative prompt"),
+        5: ("CLIPTextEncode", {"text": SOURCE_PROMPT, "clip": (1, 1)}, "Source prompt"),
+        6: ("CLIPTextEncode", {"text": TARGET_PROMPT, "clip": (1, 1)}, "Target prompt"),
+        7: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
+        9: ("AttnEdit_SelfAttentionInjection", {"model": (1, 0), "mode": "fpe", "fpe_ratio": 0.4}),
+        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (5, 0), "target": (6, 0), "negative": (4, 0),
+                                      "latent": (7, 0), "seed": 42, "steps": 50, "cfg": 7.5}),
+        **decode_and_save(11, (10, 0), "attention-edit/generated_fpe_edited"),
+        **decode_and_save(13, (10, 1), "attention-edit/generated_fpe_source"),
+    }
+
+
+def instant_mask_edit():
+    """InstDiffEdit: half-strength inversion, instant mask from the target's attention, mask previewed and
+    used for a stock inpainting pass over the edit."""
+    g = real_image_inputs()
+    g.update({
+        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50,
+                                       "strength": 0.5}),
+        9: ("AttnEdit_InstantMask", {"clip": (1, 1), "target_prompt": TARGET_PROMPT, "words": "blue"}),
+        10: ("AttnEdit_EditSampler", {"model": (1, 0), "source": (5, 0), "target": (6, 0), "negative": (4, 0),
+                                      "inversion": (8, 1), "steps": 50, "cfg": 7.5, "mask_strategy": (9, 0)}),
+        13: ("MaskToImage", {"mask": (10, 2)}),
+        14: ("PreviewImage", {"images": (13, 0)}, "Instant mask"),
+        15: ("SetLatentNoiseMask", {"samples": (10, 0), "mask": (10, 2)}),
+        16: ("KSampler", {"model": (1, 0), "positive": (6, 0), "negative": (4, 0), "latent_image": (15, 0),
+                          "seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+                          "denoise": 0.3}, "Optional inpainting pass inside the mask"),
+    })
+    g.update(decode_and_save(11, (10, 0), "attention-edit/instant_edited"))
+    g.update(decode_and_save(17, (16, 0), "attention-edit/instant_inpainted"))
+    return g
+
+
+def reconstruction_compared():
+    """Plain DDIM inversion beside UAM inversion, each reconstructed, with the error images."""
+    g = real_image_inputs()
+    g.update({
+        7: ("AttnEdit_UniformAttention", {"model": (1, 0), "scope": "all"}),
+        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (5, 0), "negative": (4, 0),
+                                       "cfg": 7.5, "steps": 50}, "Plain DDIM inversion (caption, cfg 7.5)"),
+        9: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
+            "UAM inversion (uniform attention)"),
+        10: ("AttnEdit_InversionReconstruct", {"model": (1, 0), "inversion": (8, 1), "positive": (5, 0),
+                                               "negative": (4, 0), "cfg": 7.5}),
+        11: ("AttnEdit_InversionReconstruct", {"model": (7, 0), "inversion": (9, 1), "positive": (4, 0),
+                                               "negative": (4, 0), "cfg": 1.0}),
+        12: ("VAEDecode", {"samples": (10, 0), "vae": (1, 2)}),
+        13: ("VAEDecode", {"samples": (11, 0), "vae": (1, 2)}),
+        14: ("ImageBlend", {"image1": (2, 0), "image2": (12, 0), "blend_factor": 1.0, "blend_mode": "difference"},
+             "Error: plain DDIM"),
+        15: ("ImageBlend", {"image1": (2, 0), "image2": (13, 0), "blend_factor": 1.0, "blend_mode": "difference"},
+             "Error: UAM"),
+        16: ("SaveImage", {"images": (12, 0), "filename_prefix": "attention-edit/recon_ddim"}),
+        17: ("SaveImage", {"images": (13, 0), "filename_prefix": "attention-edit/recon_uam"}),
+        18: ("SaveImage", {"images": (14, 0), "filename_prefix": "attention-edit/recon_ddim_error"}),
+        19: ("SaveImage", {"images": (15, 0), "filename_prefix": "attention-edit/recon_uam_error"}),
+    })
+    return g
+
+
+def sdxl_real_edit():
+    """The UAM recipe on SDXL (1024 px images)."""
+    return real_edit_uam(SDXL, "sdxl")
+
+
 WORKFLOWS = {
     "real_edit_uam_masactrl": real_edit_uam,
     "real_edit_fpe": real_edit_fpe,
+    "generated_edit_fpe": generated_edit_fpe,
+    "instant_mask_edit": instant_mask_edit,
+    "reconstruction_compared": reconstruction_compared,
+    "sdxl_real_edit": sdxl_real_edit,
 }
 DEMO_WORKFLOW = "real_edit_uam_masactrl"
 
@@ -85,7 +163,7 @@ def main() -> None:
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)
     for name, make in WORKFLOWS.items():
-        workflow = workflow_tools.build_ui_workflow(make(), nodes.NODE_CLASS_MAPPINGS, ours)
+        workflow = workflow_tools.build_ui_workflow(make(), workflow_tools.host_node_classes(), ours)
         workflow_tools.write(out / f"{name}.json", workflow)
         print(out / f"{name}.json")
 

@@ -14,10 +14,18 @@ import pathlib
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def _node_classes():
+def host_node_classes() -> dict:
+    """Every stock node class of the host (core and comfy_extras), loaded in this process once."""
+    import asyncio
+
     import nodes
 
+    if "MaskToImage" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_builtin_extra_nodes())
     return nodes.NODE_CLASS_MAPPINGS
+
+
+_node_classes = host_node_classes
 
 
 def _inputs(cls) -> list[tuple[str, str, dict]]:
