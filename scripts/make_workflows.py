@@ -156,7 +156,6 @@ def main() -> None:
 
     comfy_host.add_host_to_path()
     comfy_host.register_pack()
-    import nodes
     from attention_edit.nodes import NODES
 
     ours = {n.define_schema().node_id: n for n in NODES}
