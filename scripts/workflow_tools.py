@@ -66,6 +66,8 @@ def build_ui_workflow(graph: dict, classes: dict | None = None, extra_classes: d
                 widgets.append(value)
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
+                if options.get("image_upload"):  # the frontend adds an 'upload' widget saved as "image"
+                    widgets.append("image")
                 continue
             entry = {"name": name, "type": kind, "link": None}
             if is_link:
@@ -118,7 +120,7 @@ def _layout(graph: dict) -> dict[int, list[int]]:
     pos = {}
     for n in _topological(graph):
         d = depth[n]
-        pos[n] = [40 + 360 * d, 40 + 200 * rows.get(d, 0)]
+        pos[n] = [40 + 380 * d, 40 + 340 * rows.get(d, 0)]  # room for the tallest nodes (KSampler, previews)
         rows[d] = rows.get(d, 0) + 1
     return pos
 

@@ -1,0 +1,395 @@
+"""Every example workflow (workflows/*.json) through the host's own frontend, then run on the toy-world model.
+
+For each workflow, in one headless chromium page (Debian's chromium driven by Playwright, shared by the
+module):
+
+* test_workflow_loads_in_frontend: `app.loadGraphData(workflow)` (the frontend's own loading path, its
+  workflow validation included) knows every node type, opens no dialog (missing nodes, load error), raises
+  no toast (the link validator's "Workflow Validation" warnings, schema alerts), logs no page or console
+  error, and keeps the file as written: after loading, the graph the frontend serializes has the file's
+  links and, node by node, its types, widget values, connected inputs and output links. Every link's type
+  is the type of the output it leaves and is accepted by the input it enters. `app.graphToPrompt()` turns
+  it into the same API prompt as scripts/workflow_tools.ui_to_api (what `make demo` queues), and an
+  AttnEdit_EditSampler fed by an inversion uses that inversion's steps and scheduler. A screenshot of the
+  loaded canvas goes to tests/artifacts/browser/<workflow>.png (git-ignored; workflows/<workflow>.png
+  thumbnails are a separate step and never written here).
+* test_workflow_runs_from_frontend_prompt: the frontend's API prompt, pointed at the test's model files
+  (every CheckpointLoaderSimple becomes AttnEdit_ToyModelLoader, which has the same outputs), with fewer
+  steps (see SMOKE_STEPS), is queued on the session's host and succeeds; every SaveImage writes a non-empty
+  128x128 PNG. The LoadImage inputs are a toy-world scene written under the names the workflows reference.
+
+Per-workflow timings go to tests/artifacts/browser/workflow_timings.json and are printed (pytest -rP).
+Never skipped: without chromium or playwright these tests fail and say to run `make browser`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import sys
+import time
+
+import pytest
+import workflow_tools
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the repository root, for `toyworld`
+
+WORKFLOW_DIR = REPO / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+ARTIFACTS = REPO / "tests" / "artifacts" / "browser"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+# Wide enough that the fitted view of a workflow stays above the zoom where LiteGraph drops node details.
+VIEWPORT = {"width": 2560, "height": 1440}
+TOY_SIZE = 128  # the toy model's image side (16x16 latents); the input image and EmptyLatentImage use it
+# CI time: the shipped workflows use 50 DDIM steps; the smoke run uses 10 on every sampling node. All get the
+# same value, because AttnEdit_EditSampler requires its inversion's steps (AttnEdit_DDIMInversion).
+SMOKE_STEPS = 10
+STEP_NODES = ("AttnEdit_DDIMInversion", "AttnEdit_EditSampler", "KSampler")
+RUN_TIMEOUT = 300.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMINGS: dict[str, dict[str, float]] = {}
+
+# Loads a workflow the way the frontend does (File > Open ends in app.loadGraphData), recording the toasts it
+# raises on the way (the link validator reports through the toast store), then reads back what it built.
+LOAD_WORKFLOW = """async (workflow) => {
+  const app = window.app;
+  const toastStore = app.extensionManager.toast;
+  const toasts = [];
+  const add = toastStore.add, addAlert = toastStore.addAlert;
+  toastStore.add = (m) => {
+    toasts.push(`${m.severity}: ${m.summary || ''}: ${m.detail || ''}`);
+    return add.call(toastStore, m);
+  };
+  toastStore.addAlert = (m) => { toasts.push(`alert: ${m}`); return addAlert.call(toastStore, m); };
+  const t0 = performance.now();
+  let loadError = null;
+  try {
+    await app.loadGraphData(workflow);
+  } catch (e) {
+    loadError = String(e && e.stack || e);
+  } finally {
+    toastStore.add = add;
+    toastStore.addAlert = addAlert;
+  }
+  const loadMs = performance.now() - t0;
+  const registered = LiteGraph.registered_node_types;
+  const nodes = app.graph._nodes.map(n => ({
+    id: n.id, type: n.type, registered: n.type in registered, has_errors: !!n.has_errors,
+    inputs: (n.inputs || []).map(i => ({name: i.name, type: i.type, link: i.link})),
+    outputs: (n.outputs || []).map(o => ({name: o.name, type: o.type, links: o.links || []})),
+  }));
+  const links = [];
+  for (const l of app.graph.links.values ? app.graph.links.values() : Object.values(app.graph.links)) {
+    if (!l) continue;
+    const origin = app.graph.getNodeById(l.origin_id), target = app.graph.getNodeById(l.target_id);
+    const out = origin && origin.outputs ? origin.outputs[l.origin_slot] : null;
+    const inp = target && target.inputs ? target.inputs[l.target_slot] : null;
+    links.push({id: l.id, type: l.type, origin: l.origin_id, origin_slot: l.origin_slot, target: l.target_id,
+                target_slot: l.target_slot, origin_type: out ? out.type : null, target_type: inp ? inp.type : null,
+                target_name: inp ? inp.name : null,
+                accepted: out && inp ? LiteGraph.isValidConnection(out.type, inp.type) : false});
+  }
+  const serialized = app.graph.serialize();
+  let prompt = null, promptError = null;
+  const t1 = performance.now();
+  try {
+    prompt = (await app.graphToPrompt()).output;
+  } catch (e) {
+    promptError = String(e && e.stack || e);
+  }
+  const promptMs = performance.now() - t1;
+  return {loadError, toasts, nodes, links, serialized, prompt, promptError, loadMs, promptMs};
+}"""
+
+VISIBLE_DIALOGS = """() => Array.from(document.querySelectorAll('.p-dialog'))
+  .filter(d => d.getClientRects().length > 0)
+  .map(d => d.innerText.trim())"""
+
+
+def _require_browser():
+    if not pathlib.Path(CHROMIUM).exists():
+        pytest.fail(f"chromium not found at {CHROMIUM}: run `make browser` (installs Debian's chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        pytest.fail(f"the playwright package is missing ({e}): run `make browser`")
+    return sync_playwright
+
+
+def _close_dialogs(page, rounds: int = 4) -> None:
+    """Close whatever dialog is open (the first-run Templates dialog, a previous workflow's warning)."""
+    for _ in range(rounds):
+        if not page.evaluate(VISIBLE_DIALOGS):
+            return
+        close = page.locator(".p-dialog button:has(i.pi-times)")
+        if close.count():
+            close.first.click()
+        else:
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+
+
+def _load_image_names(workflow: dict) -> list[str]:
+    return [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadImage" and n.get("widgets_values")]
+
+
+def _write_toy_image(path: pathlib.Path) -> None:
+    """A toy-world scene (the source prompt of the example workflows: a large red circle, white background)."""
+    from PIL import Image
+
+    from toyworld import scenes
+
+    circle = scenes.ObjectSpec(shape="circle", colour="red", size="large", position="center", cx=64, cy=64, r=24)
+    image, _ = scenes.render(scenes.Scene(background="white", objects=(circle,)), size=TOY_SIZE)
+    assert image.shape == (TOY_SIZE, TOY_SIZE, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+@pytest.fixture(scope="module")
+def input_images(comfy_server) -> dict[str, pathlib.Path]:
+    """The images every workflow's LoadImage nodes name, in the host's input folder (before the page lists them)."""
+    written = {}
+    for wf_file in WORKFLOWS:
+        for name in _load_image_names(json.loads(wf_file.read_text())):
+            path = comfy_server.base / "input" / name
+            if name not in written:
+                _write_toy_image(path)
+                written[name] = path
+    return written
+
+
+class Frontend:
+    def __init__(self, page, origin: str):
+        self.page = page
+        self.origin = origin
+        self.page_errors: list[str] = []
+        self.console: list[tuple[str, str, str]] = []  # (type, text, url)
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+        page.on("console", lambda m: self.console.append((m.type, m.text, m.location.get("url", ""))))
+
+    def load(self, workflow: dict) -> dict:
+        """Load a workflow through the frontend; return what it built, the dialogs it opened and what it logged."""
+        _close_dialogs(self.page)
+        first_console = len(self.console)
+        result = self.page.evaluate(LOAD_WORKFLOW, workflow)
+        self.page.wait_for_timeout(500)  # dialogs render, the view fits the graph (requestAnimationFrame)
+        result["dialogs"] = self.page.evaluate(VISIBLE_DIALOGS)
+        # The frontend also asks the comfy.org registry about the loaded node types; nothing outside the host
+        # answers here, so failed requests to other origins are the sandbox, not the workflow.
+        result["console_errors"] = [f"{text} @ {url}" for kind, text, url in self.console[first_console:]
+                                    if kind == "error" and not (text.startswith("Failed to load resource")
+                                                                and not url.startswith(self.origin))]
+        return result
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy_server, input_images):
+    sync_playwright = _require_browser()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORT)  # a fresh profile
+            fe = Frontend(context.new_page(), comfy_server.url)
+            fe.page.goto(comfy_server.url, wait_until="domcontentloaded")
+            fe.page.wait_for_function("window.app && window.app.graph", timeout=60_000)
+            try:  # the first-run Templates dialog shows up a moment after the app
+                fe.page.wait_for_selector(".p-dialog", state="visible", timeout=8000)
+            except Exception:
+                pass
+            _close_dialogs(fe.page)
+            yield fe
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def timings_report():
+    yield
+    if TIMINGS:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "workflow_timings.json").write_text(json.dumps(TIMINGS, indent=1) + "\n")
+
+
+def _workflow(wf_file: pathlib.Path | None) -> dict:
+    if wf_file is None:
+        pytest.fail(f"no workflows/*.json in {WORKFLOW_DIR}: run scripts/make_workflows.py")
+    return json.loads(wf_file.read_text())
+
+
+def _assert_loaded(result: dict, workflow: dict, frontend: Frontend) -> None:
+    """What every use of a loaded workflow needs: all node types known, nothing failed or warned."""
+    assert result["loadError"] is None, f"app.loadGraphData threw: {result['loadError']}"
+    missing = sorted({n["type"] for n in result["nodes"] if not n["registered"]})
+    assert not missing, f"node types not in LiteGraph.registered_node_types: {missing}; dialogs: {result['dialogs']}"
+    assert not [n for n in result["nodes"] if n["has_errors"]], \
+        f"nodes with has_errors: {[(n['id'], n['type']) for n in result['nodes'] if n['has_errors']]}"
+    file_types = {n["id"]: n["type"] for n in workflow["nodes"]}
+    loaded_types = {n["id"]: n["type"] for n in result["nodes"]}
+    assert loaded_types == file_types, f"loaded nodes {loaded_types} differ from the file's {file_types}"
+    missing_dialogs = [d for d in result["dialogs"] if "missing" in d.lower()]
+    assert not missing_dialogs, "the frontend opened a missing-nodes/models dialog:\n" + "\n---\n".join(missing_dialogs)
+    assert not result["dialogs"], "the frontend opened a dialog while loading:\n" + "\n---\n".join(result["dialogs"])
+    assert not result["toasts"], "the frontend warned while loading:\n" + "\n".join(result["toasts"])
+    assert not frontend.page_errors, "JavaScript errors on the page:\n" + "\n".join(frontend.page_errors)
+    assert result["promptError"] is None, f"app.graphToPrompt threw: {result['promptError']}"
+
+
+def _round_trip_differences(workflow: dict, serialized: dict) -> list[str]:
+    """Where the graph the frontend built (serialized again) differs from the file it loaded."""
+    diffs = []
+    if serialized["links"] != workflow["links"]:
+        file_links, loaded_links = ({lk[0]: lk for lk in links} for links in (workflow["links"], serialized["links"]))
+        for link_id in sorted(set(file_links) | set(loaded_links)):
+            if file_links.get(link_id) != loaded_links.get(link_id):
+                diffs.append(f"link {link_id}: file {file_links.get(link_id)}, frontend {loaded_links.get(link_id)}")
+    loaded = {n["id"]: n for n in serialized["nodes"]}
+    for node in workflow["nodes"]:
+        name = f"node {node['id']} ({node['type']})"
+        got = loaded.get(node["id"])
+        if got is None:
+            diffs.append(f"{name}: not in the loaded graph")
+            continue
+        if got.get("widgets_values", []) != node.get("widgets_values", []):
+            diffs.append(f"{name}.widgets_values: file {node.get('widgets_values')}, frontend {got.get('widgets_values')}")
+        file_inputs = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        got_inputs = {i["name"]: i["link"] for i in got.get("inputs", []) if i.get("link") is not None}
+        if got_inputs != file_inputs:
+            diffs.append(f"{name} connected inputs: file {file_inputs}, frontend {got_inputs}")
+        file_outputs = [(o["type"], sorted(o.get("links") or [])) for o in node.get("outputs", [])]
+        got_outputs = [(o["type"], sorted(o.get("links") or [])) for o in got.get("outputs", [])]
+        if got_outputs != file_outputs:
+            diffs.append(f"{name} outputs (type, links): file {file_outputs}, frontend {got_outputs}")
+        if got.get("mode", 0) != node.get("mode", 0):
+            diffs.append(f"{name}.mode: file {node.get('mode')}, frontend {got.get('mode')}")
+    return diffs
+
+
+def _link_type_problems(result: dict) -> list[str]:
+    problems = []
+    for lk in result["links"]:
+        where = (f"link {lk['id']} ({lk['origin']}:{lk['origin_slot']} -> {lk['target']}:{lk['target_slot']} "
+                 f"{lk['target_name']})")
+        if lk["type"] != lk["origin_type"]:
+            problems.append(f"{where}: link type {lk['type']!r}, the output's type {lk['origin_type']!r}")
+        if not lk["accepted"]:
+            problems.append(f"{where}: output type {lk['origin_type']!r} does not fit input type {lk['target_type']!r}")
+    return problems
+
+
+def _strip_meta(prompt: dict) -> dict:
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
+@pytest.fixture(scope="module")
+def node_classes() -> dict:
+    """Every node class the workflows may use (the host's core and comfy_extras nodes, and ours), in this process."""
+    from attention_edit.nodes import NODES
+
+    classes = dict(workflow_tools.host_node_classes())
+    classes.update({cls.define_schema().node_id: cls for cls in NODES})
+    return classes
+
+
+def _inversion_mismatches(prompt: dict) -> list[str]:
+    """An EditSampler fed by an inversion must use the inversion's steps and scheduler (the node's contract)."""
+    problems = []
+    for node_id, node in prompt.items():
+        source = node["inputs"].get("inversion")
+        if node["class_type"] != "AttnEdit_EditSampler" or not isinstance(source, list):
+            continue
+        inversion = prompt[source[0]]
+        for key in ("steps", "scheduler"):
+            if inversion["inputs"].get(key) != node["inputs"].get(key):
+                problems.append(f"EditSampler {node_id}.{key} = {node['inputs'].get(key)!r}, its inversion "
+                                f"{source[0]} ({inversion['class_type']}) has {inversion['inputs'].get(key)!r}")
+    return problems
+
+
+PARAMS = [pytest.param(f, id=f.stem) for f in WORKFLOWS] or [pytest.param(None, id="no-workflows")]
+
+
+@pytest.mark.parametrize("wf_file", PARAMS)
+def test_workflow_loads_in_frontend(wf_file, node_classes, frontend):
+    workflow = _workflow(wf_file)
+    t0 = time.monotonic()
+    result = frontend.load(workflow)
+    TIMINGS.setdefault(wf_file.stem, {}).update(load_ms=round(result["loadMs"], 1),
+                                                 graph_to_prompt_ms=round(result["promptMs"], 1))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    frontend.page.screenshot(path=str(ARTIFACTS / f"{wf_file.stem}.png"))
+    TIMINGS[wf_file.stem]["load_check_s"] = round(time.monotonic() - t0, 2)
+    print(f"{wf_file.stem}: loadGraphData {result['loadMs']:.0f} ms, graphToPrompt {result['promptMs']:.0f} ms")
+
+    _assert_loaded(result, workflow, frontend)
+    assert not result["console_errors"], "console errors while loading:\n" + "\n".join(result["console_errors"])
+    diffs = _round_trip_differences(workflow, result["serialized"])
+    assert not diffs, "the frontend changed the workflow while loading it:\n" + "\n".join(diffs)
+    problems = _link_type_problems(result)
+    assert not problems, "links whose types do not match their sockets:\n" + "\n".join(problems)
+
+    prompt = _strip_meta(result["prompt"])
+    assert set(prompt) == {str(n["id"]) for n in workflow["nodes"] if n.get("mode", 0) not in (2, 4)}
+    ours = workflow_tools.ui_to_api(workflow, node_classes)
+    differing = {k: {"frontend": prompt.get(k), "ui_to_api": ours.get(k)}
+                 for k in sorted(set(prompt) | set(ours)) if prompt.get(k) != ours.get(k)}
+    assert not differing, "app.graphToPrompt and workflow_tools.ui_to_api disagree:\n" + json.dumps(differing, indent=1)
+    mismatches = _inversion_mismatches(prompt)
+    assert not mismatches, "\n".join(mismatches)
+
+
+def _smoke_prompt(prompt: dict, toy_model: str) -> dict:
+    """The frontend's prompt on the test's model files and at the toy model's size, with SMOKE_STEPS steps."""
+    prompt = _strip_meta(json.loads(json.dumps(prompt)))
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":  # same outputs: MODEL, CLIP, VAE
+            node["class_type"] = "AttnEdit_ToyModelLoader"
+            node["inputs"] = {"model_name": toy_model}
+        elif node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=TOY_SIZE, height=TOY_SIZE)
+        if node["class_type"] in STEP_NODES and "steps" in node["inputs"]:
+            node["inputs"]["steps"] = SMOKE_STEPS
+    return prompt
+
+
+@pytest.mark.parametrize("wf_file", PARAMS)
+def test_workflow_runs_from_frontend_prompt(wf_file, frontend, comfy_server, host_model_files, input_images,
+                                            object_info):
+    workflow = _workflow(wf_file)
+    for name in _load_image_names(workflow):
+        assert name in input_images and (comfy_server.base / "input" / name).is_file(), f"input image {name} missing"
+    assert object_info["AttnEdit_ToyModelLoader"]["output"] == object_info["CheckpointLoaderSimple"]["output"]
+
+    result = frontend.load(workflow)
+    _assert_loaded(result, workflow, frontend)
+    prompt = _smoke_prompt(result["prompt"], host_model_files["toy_model"])
+    assert "CheckpointLoaderSimple" not in {n["class_type"] for n in prompt.values()}
+
+    t0 = time.monotonic()
+    prompt_id = comfy_server.queue(prompt)
+    entry = comfy_server.wait(prompt_id, timeout=RUN_TIMEOUT)  # raises with the failing node's message
+    run_s = time.monotonic() - t0
+    TIMINGS.setdefault(wf_file.stem, {})["run_s"] = round(run_s, 2)
+    print(f"{wf_file.stem}: ran in {run_s:.1f} s ({SMOKE_STEPS} steps, {TOY_SIZE}x{TOY_SIZE} toy model)")
+
+    history = comfy_server.get(f"/history/{prompt_id}")[prompt_id]
+    assert history["status"]["status_str"] == "success" and history["status"]["completed"], history["status"]
+    savers = {k for k, v in prompt.items() if v["class_type"] == "SaveImage"}
+    assert savers, "the workflow has no SaveImage node"
+    assert savers <= set(entry["outputs"]), f"SaveImage nodes without outputs: {sorted(savers - set(entry['outputs']))}"
+    files = comfy_server.output_files(entry)
+    assert len(files) >= len(savers), f"{len(files)} output files for {len(savers)} SaveImage nodes"
+    from PIL import Image
+
+    for f in files:
+        assert f.is_file(), f"output file {f} does not exist"
+        data = f.read_bytes()
+        assert len(data) > len(PNG_SIGNATURE) and data.startswith(PNG_SIGNATURE), f"{f} is not a PNG"
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            assert im.size == (TOY_SIZE, TOY_SIZE), f"{f.name}: {im.size}, expected {TOY_SIZE}x{TOY_SIZE}"

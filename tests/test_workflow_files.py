@@ -1,0 +1,33 @@
+"""Every example workflow is UI format, generated from scripts/make_workflows.py, with a thumbnail."""
+
+import json
+import pathlib
+
+import pytest
+
+WORKFLOWS = sorted((pathlib.Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
+
+
+def test_there_are_workflows():
+    assert len(WORKFLOWS) >= 6
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_ui_format_with_thumbnail(path):
+    workflow = json.loads(path.read_text())
+    assert {"nodes", "links", "version"} <= set(workflow)  # what the frontend saves, not an API prompt
+    assert any(n["type"].startswith("AttnEdit_") for n in workflow["nodes"])
+    assert path.with_suffix(".jpg").exists() or path.with_suffix(".png").exists()
+
+
+def test_files_match_their_generator():
+    import make_workflows
+    import workflow_tools
+
+    from attention_edit.nodes import NODES
+
+    ours = {n.define_schema().node_id: n for n in NODES}
+    for name, make in make_workflows.WORKFLOWS.items():
+        built = workflow_tools.build_ui_workflow(make(), workflow_tools.host_node_classes(), ours)
+        on_disk = json.loads((pathlib.Path(make_workflows.REPO) / "workflows" / f"{name}.json").read_text())
+        assert built == on_disk, f"workflows/{name}.json is stale: run scripts/make_workflows.py"
