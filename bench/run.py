@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks and write bench/results/<device>.json.
 
-    python -m bench.run [--device cpu|cuda] [--only perf] [--repeats 5]
+    python -m bench.run [--device cpu|cuda] [--only perf regulation] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 from .common import REPO, Recorder, setup
 
-SUITES = ("perf",)
+SUITES = ("perf", "regulation")
 
 
 def main(argv=None) -> int:
@@ -41,6 +41,10 @@ def main(argv=None) -> int:
             perf.run(rec, args.device, steps=2, latent_side=16, edit_latent_side=16, repeats=1, family="sd15")
         else:
             perf.run(rec, args.device, repeats=args.repeats)
+    if "regulation" in args.only:
+        from . import regulation
+
+        regulation.run(rec, args.device, repeats=args.repeats)
     name = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", rec.common["device"].lower()).strip("-")
     out = REPO / "bench" / "results" / f"{name}.json" if args.output is None else args.output
     out = type(REPO)(out)

@@ -1,0 +1,243 @@
+"""Attention regulation (arXiv 2403.06381): steer cross-attention toward target tokens, pure torch.
+
+For the conditional rows of a cross-attention layer, a smooth bias S is added to the pre-softmax
+scores of the target tokens. S is a weighted sum of Gaussian bumps over the 2D map (sigma = map
+width / 16, centres every 2 sigma); the weights w (one set per row, head and target) are found by
+plain gradient descent on
+
+    L(w) = mean_g (q90(A_g) - peak_target)^2
+           + share_weight * mean_g (mean(A_g) - min(1, 0.2 n) / n)^2
+           + beta * mean(w^2)
+
+where A_g is target g's attention map (its probability, summed over the target's tokens, at every
+position of the map) under the biased softmax, q90 its 0.9-quantile over the map and n the number
+of targets. The best iterate is kept, smoothed with the previous step's bias (EMA), scaled by
+decay**step, and the probabilities of the start and end tokens are restored after the softmax
+(the others re-normalised), as in the official code.
+
+Everything here runs in float32 whatever the input dtype, and the result is cast back, so a float16
+or bfloat16 model gets no NaN from the optimisation. No ComfyUI imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class RegulationParams:
+    """The method's parameters; defaults are the official code's (SD2, 50 steps, 25 edited)."""
+
+    iterations: int = 20  # gradient steps per layer and step
+    learning_rate: float = 100.0
+    ema: float = 0.25  # weight of the previous step's bias: S = ema * S_prev + (1 - ema) * S_new
+    decay: float = 0.99  # the applied bias is decay**step * S
+    peak_target: float = 0.9  # what each target map's 0.9-quantile should reach
+    share_weight: float = 80.0  # weight of the equal-share term
+    beta: float = 0.09  # weight of the mean(w^2) penalty (the official code's 9e-2; the paper says 0.1)
+    quantile: float = 0.9
+
+    def validate(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        for name in ("learning_rate", "share_weight", "beta"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("ema", "decay", "peak_target", "quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+def share_target(n: int) -> float:
+    """The mean attention each of n targets should get: 0.2 each up to 5 targets, then 1 / n."""
+    return min(1.0, 0.2 * n) / n
+
+
+def map_size(tokens: int, latent_h: int, latent_w: int) -> tuple[int, int] | None:
+    """(height, width) of a UNet attention map with `tokens` positions for a latent of this size.
+
+    Each UNet level halves the side rounding up (stride-2 convolutions with padding 1).
+    """
+    h, w = int(latent_h), int(latent_w)
+    while h * w > tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return (h, w) if h * w == tokens else None
+
+
+def gaussian_basis(height: int, width: int, device=None) -> torch.Tensor:
+    """The bumps G_p flattened, (P, height * width) float32: sigma = width / 16, centres at 2 sigma,
+    4 sigma, ... inside the map on both axes (7 x 7 = 49 bumps on a square map)."""
+    sigma = width / 16.0
+    step = 2.0 * sigma
+    ys = torch.arange(height, dtype=torch.float32, device=device)
+    xs = torch.arange(width, dtype=torch.float32, device=device)
+    cy = torch.arange(1, math.ceil(height / step) + 1, dtype=torch.float32, device=device) * step
+    cx = torch.arange(1, math.ceil(width / step) + 1, dtype=torch.float32, device=device) * step
+    cy, cx = cy[cy < height - 1e-6], cx[cx < width - 1e-6]
+    gy = torch.exp(-((ys[None, :] - cy[:, None]) ** 2) / (2 * sigma**2))  # (Py, H)
+    gx = torch.exp(-((xs[None, :] - cx[:, None]) ** 2) / (2 * sigma**2))  # (Px, W)
+    return (gy[:, None, :, None] * gx[None, :, None, :]).reshape(len(cy) * len(cx), height * width)
+
+
+def _index(positions: Sequence[int] | torch.Tensor, device) -> torch.Tensor:
+    return torch.as_tensor(positions, dtype=torch.long, device=device).flatten()
+
+
+def group_logits(scores: torch.Tensor, groups: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce scores (B, M, L) to the logits the objective needs: (B, 1, M) over the tokens in no
+    group, and (B, n, M) per group (logsumexp over the group's tokens). The softmax over dim 1 of
+    [rest, groups + S] gives every target's summed probability under a bias S on all of its tokens."""
+    in_group = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    per_group = []
+    for g in groups:
+        in_group[g] = True
+        per_group.append(torch.logsumexp(scores[..., g], dim=-1))
+    rest = torch.logsumexp(scores.masked_fill(in_group, float("-inf")), dim=-1)
+    return rest.unsqueeze(1), torch.stack(per_group, dim=1)
+
+
+def target_maps(rest: torch.Tensor, grouped: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Every target's attention map (B, n, M) under the bias (B, n, M)."""
+    return torch.cat([rest, grouped + bias], dim=1).softmax(dim=1)[:, 1:]
+
+
+def upper_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(x, q, dim=-1) (linear interpolation) for q >= 0.5, through topk: much cheaper
+    than the full sort on small maps, and differentiable the same way (through two order statistics)."""
+    m = x.shape[-1]
+    pos = q * (m - 1)
+    lo = math.floor(pos)
+    frac = pos - lo
+    top = torch.topk(x, m - lo, dim=-1, sorted=True).values  # descending; the last is the lo-th smallest
+    low = top[..., -1]
+    if frac == 0.0 or m - lo < 2:
+        return low
+    return low + frac * (top[..., -2] - low)
+
+
+def objective(maps: torch.Tensor, weights: torch.Tensor, params: RegulationParams) -> torch.Tensor:
+    """The loss of every row-head, (B,), for target maps (B, n, M) and bump weights (B, n, P)."""
+    n = maps.shape[1]
+    quantile = upper_quantile(maps, params.quantile) if params.quantile >= 0.5 else \
+        torch.quantile(maps, params.quantile, dim=-1)
+    peak = ((quantile - params.peak_target) ** 2).mean(dim=-1)
+    share = ((maps.mean(dim=-1) - share_target(n)) ** 2).mean(dim=-1)
+    return peak + params.share_weight * share + params.beta * (weights**2).mean(dim=(1, 2))
+
+
+def optimise_bias(scores: torch.Tensor, groups: Sequence[torch.Tensor], basis: torch.Tensor,
+                  params: RegulationParams) -> torch.Tensor:
+    """The bias maps S (B, n, M) that minimise the objective, by plain gradient descent on the bump
+    weights from zero (`iterations` steps of size `learning_rate`). Each row-head is optimised on its
+    own and keeps its best iterate (the zero bias included, so the result never scores worse than no
+    edit). float32; autograd runs even under the host's inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        scores = scores.detach().float().clone()
+        basis = basis.detach().float().clone()
+        rest, grouped = group_logits(scores, groups)
+        b, n, m = grouped.shape
+        p = basis.shape[0]
+        weights = torch.zeros(b, n, p, device=scores.device, requires_grad=True)
+        best_loss = torch.full((b,), float("inf"), device=scores.device)
+        best = torch.zeros(b, n, m, device=scores.device)
+        for it in range(params.iterations + 1):
+            bias = torch.mm(weights.reshape(b * n, p), basis).reshape(b, n, m)
+            loss = objective(target_maps(rest, grouped, bias), weights, params)
+            better = loss.detach() < best_loss
+            best_loss = torch.where(better, loss.detach(), best_loss)
+            best = torch.where(better[:, None, None], bias.detach(), best)
+            if it == params.iterations:
+                break
+            (grad,) = torch.autograd.grad(loss.sum(), weights)
+            weights = (weights.detach() - params.learning_rate * grad).requires_grad_(True)
+        return best
+
+
+def regulated_probs(scores: torch.Tensor, groups: Sequence[torch.Tensor], bias: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Probabilities (B, M, L) with group g's bias (bias[:, g], (B, n, M)) added to all of its tokens' scores, and the tokens
+    in `keep` (start and end) at their unbiased probability, the others re-normalised to fill the
+    rest. Non-target tokens keep their ratios to each other."""
+    full = torch.zeros_like(scores)
+    for i, g in enumerate(groups):
+        full[..., g] = bias[:, i, :, None]
+    biased = scores + full
+    if keep is None or keep.numel() == 0:
+        return biased.softmax(dim=-1)
+    keep_mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    keep_mask[keep] = True
+    lse_all = torch.logsumexp(scores, dim=-1, keepdim=True)
+    lse_rest = torch.logsumexp(scores.masked_fill(keep_mask, float("-inf")), dim=-1, keepdim=True)
+    biased_rest = biased.masked_fill(keep_mask, float("-inf"))
+    lse_biased_rest = torch.logsumexp(biased_rest, dim=-1, keepdim=True)
+    # Non-kept tokens: the biased softmax over them, scaled to the unbiased mass they had together.
+    rest = torch.exp(biased_rest - lse_biased_rest + (lse_rest - lse_all))
+    return torch.where(keep_mask, torch.exp(scores - lse_all), rest)
+
+
+def head_scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Scaled scores (B * heads, M, L) float32 from q (B, M, heads * d) and k (B, L, heads * d)."""
+    b, m, inner = q.shape
+    d = inner // heads
+    qh = q.float().reshape(b, m, heads, d).transpose(1, 2).reshape(b * heads, m, d)
+    kh = k.float().reshape(b, k.shape[1], heads, d).transpose(1, 2).reshape(b * heads, k.shape[1], d)
+    return torch.bmm(qh * d**-0.5, kh.transpose(1, 2))
+
+
+def heads_output(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """probs (B * heads, M, L) @ v (B, L, heads * d) -> (B, M, heads * d), float32."""
+    b, length, inner = v.shape
+    d = inner // heads
+    vh = v.float().reshape(b, length, heads, d).transpose(1, 2).reshape(b * heads, length, d)
+    out = torch.bmm(probs, vh)
+    return out.reshape(b, heads, -1, d).transpose(1, 2).reshape(b, -1, inner)
+
+
+@contextlib.contextmanager
+def serial_on_cpu(device: torch.device) -> Iterator[None]:
+    """One intra-op thread while the tiny tensors of the optimisation are on the CPU: splitting
+    kernels of a few thousand elements over threads only adds synchronisation, which costs
+    milliseconds per kernel on a busy machine. The host's setting is restored after."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def regulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: Sequence,
+             keep: Sequence[int] | torch.Tensor | None, map_hw: tuple[int, int], step: int,
+             previous: torch.Tensor | None = None, params: RegulationParams = RegulationParams(),
+             basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One regulated cross-attention call for the rows given (all of them are regulated).
+
+    q (B, M, heads * d), k and v (B, L, heads * d), already projected, any float dtype. groups: the
+    token positions of each target (positions in the context, all occurrences). keep: start and end
+    token positions. previous: this layer's smoothed bias from the previous step (B * heads, n, M),
+    or None. Returns the attention output (dtype of q) and the smoothed bias to pass on next step.
+    """
+    device = q.device
+    groups = [_index(g, device) for g in groups]
+    keep_index = None if keep is None else _index(keep, device)
+    with torch.inference_mode(False), serial_on_cpu(device):
+        scores = head_scores(q, k, heads)
+        if basis is None:
+            basis = gaussian_basis(map_hw[0], map_hw[1], device=device)
+        best = optimise_bias(scores, groups, basis, params)
+        if previous is not None and previous.shape == best.shape:
+            smoothed = params.ema * previous.to(device=device, dtype=torch.float32) + (1.0 - params.ema) * best
+        else:
+            smoothed = best
+        applied = smoothed * (params.decay ** int(step))
+        probs = regulated_probs(scores, groups, applied, keep_index)
+        out = heads_output(probs, v, heads)
+    return out.to(q.dtype), smoothed

@@ -1,0 +1,321 @@
+"""Attention regulation (arXiv 2403.06381) on a model: target tokens from the CLIP tokenizer, the
+cross-attention patch with its per-run state, and the choice of layers by map size."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+
+import torch
+
+from ..attention.blocks import block_selected, parse_block_spec
+from ..attention.regulation import RegulationParams, gaussian_basis, map_size, regulate
+from ..attention.schedule import step_position
+from .patching import add_attention_replace, transformer_blocks, unet_of
+
+log = logging.getLogger("attention_edit")
+
+CHUNK = 77  # CLIP's context: ComfyUI encodes long prompts as several 77-token chunks
+DEFAULT_BLOCKS = "input, output"
+DEFAULT_MAP_SIDE = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPlan:
+    """Where the targets are in the prompt's token chunks (positions 0..76 of each chunk).
+
+    groups[g]: (chunk, position) of every token of target g, all occurrences; keep: the start and
+    the first end token of every chunk (their probabilities are restored after the softmax).
+    """
+
+    words: tuple[str, ...]
+    groups: tuple[tuple[tuple[int, int], ...], ...]
+    keep: tuple[tuple[int, int], ...]
+    chunks: int = 1
+
+    @classmethod
+    def from_positions(cls, groups, end: int | None = None, words=None) -> TokenPlan:
+        """A single-chunk plan from token positions (no tokenizer needed): groups of positions, one per
+        target, and the position of the end token (the start token is position 0)."""
+        groups = tuple(tuple((0, int(p)) for p in g) for g in groups)
+        keep = ((0, 0),) + (() if end is None else ((0, int(end)),))
+        words = tuple(words) if words is not None else tuple(f"target{i}" for i in range(len(groups)))
+        return cls(words=words, groups=groups, keep=keep, chunks=1)
+
+    def context_positions(self, length: int) -> tuple[list[list[int]], list[int]]:
+        """Positions in a cross-attention context of `length` tokens: the host makes contexts of
+        different lengths equal by repeating the token sequence, so 77-token block j holds chunk
+        j mod chunks, and every target occurs once per block that holds its chunk."""
+        if length % CHUNK:
+            raise ValueError(f"attention regulation: the cross-attention context has {length} tokens, not a "
+                             f"multiple of {CHUNK}: the conditioning does not come from a CLIP text encoder")
+        blocks = length // CHUNK
+
+        def expand(pairs):
+            return [j * CHUNK + pos for j in range(blocks) for chunk, pos in pairs if chunk == j % self.chunks]
+
+        return [expand(g) for g in self.groups], expand(self.keep)
+
+
+def _parse_words(target_words: str) -> list[str]:
+    words, seen = [], set()
+    for word in (target_words or "").split(","):
+        word = " ".join(word.split())
+        if word and word.lower() not in seen:
+            seen.add(word.lower())
+            words.append(word)
+    return words
+
+
+def _token_ids(chunks) -> list[list[int | None]]:
+    """Token ids per chunk (None for embedding vectors, which match no word)."""
+    return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in chunks]
+
+
+def _decoder(clip):
+    """A token id -> text map from the CLIP tokenizer, if it exposes one."""
+    tokenizer = getattr(clip, "tokenizer", None)
+    for part in vars(tokenizer).values() if tokenizer is not None and hasattr(tokenizer, "__dict__") else ():
+        inv = getattr(part, "inv_vocab", None)
+        if isinstance(inv, dict):
+            return inv
+    return None
+
+
+def _prompt_words(clip, ids: list[list[int | None]], special: set[int], prompt: str) -> list[str]:
+    """The prompt's words as the tokenizer split them (for error messages)."""
+    inv = _decoder(clip)
+    if inv is None:
+        return re.findall(r"[^\W_]+(?:['-][^\W_]+)*", prompt.lower())
+    words, current = [], ""
+    for chunk in ids:
+        for t in chunk:
+            if t is None or t in special:
+                continue
+            piece = inv.get(t, "")
+            current += piece
+            if piece.endswith("</w>"):
+                words.append(current[: -len("</w>")])
+                current = ""
+    if current:
+        words.append(current)
+    return words
+
+
+def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None:
+    """The token positions of the comma-separated target words in `prompt`, through the CLIP
+    tokenizer (every text encoder the model has: SDXL's two see the same positions). A word made of
+    several tokens is one target (all of its tokens). None when there are no target words; a
+    ValueError naming the word and listing the prompt's words when one is not in the prompt."""
+    words = _parse_words(target_words)
+    if not words:
+        return None
+    if clip is None:
+        raise ValueError("attention regulation needs the CLIP that encodes the prompt, to find the target words")
+    if not (prompt or "").strip():
+        raise ValueError("attention regulation: the prompt is empty; type the positive prompt you encode "
+                         "(the same text as in its CLIPTextEncode)")
+    empty = clip.tokenize("")
+    tokens = clip.tokenize(prompt)
+    plans = {}
+    for key, chunks in tokens.items():
+        if key not in empty or len(empty[key][0]) < 2:
+            continue
+        start, end = empty[key][0][0][0], empty[key][0][1][0]
+        ids = _token_ids(chunks)
+        if any(len(chunk) != CHUNK for chunk in ids):
+            raise ValueError(f"attention regulation works with CLIP text encoders (chunks of {CHUNK} tokens); "
+                             f"the '{key}' tokenizer makes chunks of {sorted({len(c) for c in ids})} tokens")
+        ends = []
+        for chunk in ids:
+            try:
+                ends.append(chunk.index(end, 1))
+            except ValueError:
+                ends.append(len(chunk))
+        groups, missing = [], []
+        for word in words:
+            word_ids = _token_ids(clip.tokenize(word)[key])[0]
+            word_ids = word_ids[1 : word_ids.index(end, 1)] if end in word_ids[1:] else word_ids[1:]
+            found = []
+            if word_ids and None not in word_ids:
+                size = len(word_ids)
+                for c, chunk in enumerate(ids):
+                    for i in range(1, ends[c] - size + 1):
+                        if chunk[i : i + size] == word_ids:
+                            found += [(c, i + j) for j in range(size)]
+            if not found:
+                missing.append(word)
+            groups.append(tuple(found))
+        if missing:
+            listed = ", ".join(_prompt_words(clip, ids, {start, end}, prompt)) or "(none)"
+            names = ", ".join(f"'{w}'" for w in missing)
+            raise ValueError(f"attention regulation: target word {names} not found in the prompt. Target words must "
+                             f"appear in the prompt text as written there. The prompt's words: {listed}")
+        keep = tuple((c, 0) for c in range(len(ids))) + tuple((c, e) for c, e in enumerate(ends) if e < CHUNK)
+        plans[key] = TokenPlan(words=tuple(words), groups=tuple(groups), keep=keep, chunks=len(ids))
+    if not plans:
+        raise ValueError("attention regulation: the CLIP given has no CLIP-style tokenizer (start and end tokens)")
+    plan = next(iter(plans.values()))
+    if any(p != plan for p in plans.values()):
+        raise ValueError(f"attention regulation: the text encoders ({', '.join(plans)}) place the target words at "
+                         f"different token positions; this model's tokenizers are not supported")
+    seen = {}
+    for word, group in zip(plan.words, plan.groups):
+        for pos in group:
+            if pos in seen:
+                raise ValueError(f"attention regulation: target words '{seen[pos]}' and '{word}' share tokens; "
+                                 f"name each word once")
+            seen[pos] = word
+    return plan
+
+
+def block_map_sides(model) -> dict[tuple[str, int, int], float]:
+    """Map side relative to the latent side of every transformer block, from the UNet's structure
+    (each Downsample halves it, each Upsample doubles it)."""
+    unet = unet_of(model)
+    sides: dict[tuple[str, int], float] = {}
+    side = 1.0
+    for number, block in enumerate(unet.input_blocks):
+        for layer in block:
+            if type(layer).__name__ == "Downsample":
+                side /= 2
+            elif hasattr(layer, "transformer_blocks"):
+                sides[("input", number)] = side
+    sides[("middle", 0)] = side
+    for number, block in enumerate(unet.output_blocks):
+        for layer in block:
+            if type(layer).__name__ == "Upsample":
+                side *= 2
+            elif hasattr(layer, "transformer_blocks"):
+                sides[("output", number)] = side
+    return {key: sides[key[:2]] for key in transformer_blocks(model)}
+
+
+def _side_text(side: float) -> str:
+    return "1" if side >= 1 else f"1/{round(1 / side)}"
+
+
+def regulation_layers(model, blocks: str = DEFAULT_BLOCKS, map_side: float = DEFAULT_MAP_SIDE) -> list:
+    """The transformer blocks in `blocks` whose maps are `map_side` of the latent side (nearest power
+    of two; 0 = any size). A ValueError when none matches."""
+    ranges = parse_block_spec(blocks)
+    sides = block_map_sides(model)
+    in_blocks = [key for key in sides if block_selected(ranges, key[0], key[1])]
+    if map_side > 0:
+        level = round(math.log2(map_side))
+        chosen = [key for key in in_blocks if round(math.log2(sides[key])) == level]
+    else:
+        chosen = in_blocks
+    if not chosen:
+        available = ", ".join(_side_text(side) for side in sorted({sides[k] for k in in_blocks}, reverse=True))
+        raise ValueError(f"attention regulation: no cross-attention layer in blocks '{blocks}' has maps at "
+                         f"{_side_text(2.0 ** round(math.log2(map_side))) if map_side > 0 else 'any'} of the latent "
+                         f"side; this model's layers there are at {available or 'no size'}")
+    return chosen
+
+
+def cond_rows(cond_or_uncond, batch: int) -> list[int]:
+    """Rows of a model call that belong to conditional chunks (cond_or_uncond: 0 = cond, 1 = uncond)."""
+    if not cond_or_uncond:
+        return []
+    per = batch // len(cond_or_uncond)
+    return [c * per + r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(per)]
+
+
+class _RunState:
+    """The previous step's smoothed bias per layer, for one sampling run (reset when a new run starts:
+    other schedule tensor, or the step index going back)."""
+
+    def __init__(self):
+        self.sigmas = None
+        self.step = -1
+        self.layers: dict = {}
+
+    def begin(self, extra_options: dict, step: int) -> None:
+        sigmas = extra_options.get("sample_sigmas")
+        if sigmas is not self.sigmas or step < self.step:
+            self.sigmas, self.layers = sigmas, {}
+        self.step = step
+
+    def previous(self, key, step: int):
+        """The bias of this layer's latest earlier step (a layer may run twice in one step)."""
+        entry = self.layers.get(key)
+        if entry is None:
+            return None
+        if entry["step"] < step:
+            entry["earlier"] = entry["current"]
+            entry["step"] = step
+            entry["current"] = None
+        return entry["earlier"]
+
+    def store(self, key, step: int, bias: torch.Tensor) -> None:
+        entry = self.layers.setdefault(key, {"step": step, "earlier": None, "current": None})
+        entry["current"] = bias.detach()
+        entry["step"] = step
+
+
+def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float = 0.5,
+                               params: RegulationParams = RegulationParams(), blocks: str = DEFAULT_BLOCKS,
+                               map_side: float = DEFAULT_MAP_SIDE):
+    """A clone of `model` whose selected cross-attention layers regulate the plan's targets on the
+    conditional rows for steps i < end_percent * N. No plan (no target words): the model itself."""
+    unet_of(model)
+    if not 0.0 <= end_percent <= 1.0:
+        raise ValueError(f"end_percent must be in [0, 1], got {end_percent}")
+    params.validate()
+    layers = set(regulation_layers(model, blocks, map_side))
+    if plan is None or not plan.groups:
+        return model
+    m = model.clone()
+    state = _RunState()
+    positions: dict[tuple, tuple] = {}
+    bases: dict[tuple, torch.Tensor] = {}
+
+    def context_positions(length: int, device):
+        key = (length, str(device))
+        if key not in positions:
+            groups, keep = plan.context_positions(length)
+            positions[key] = ([torch.tensor(g, dtype=torch.long, device=device) for g in groups],
+                              torch.tensor(keep, dtype=torch.long, device=device))
+        return positions[key]
+
+    def basis_for(hw, device):
+        key = (hw, str(device))
+        if key not in bases:
+            bases[key] = gaussian_basis(hw[0], hw[1], device=device)
+        return bases[key]
+
+    def make_patch(previous):
+        def regulated_cross_attention(q, k, v, extra_options):
+            pos = step_position(extra_options)
+            if pos is None or not pos[0] < end_percent * pos[1]:
+                return previous(q, k, v, extra_options)
+            step = pos[0]
+            rows = cond_rows(extra_options.get("cond_or_uncond"), q.shape[0])
+            shape = extra_options.get("original_shape")
+            hw = None if shape is None else map_size(q.shape[1], shape[-2], shape[-1])
+            if not rows or hw is None:
+                return previous(q, k, v, extra_options)
+            groups, keep = context_positions(k.shape[1], q.device)
+            block = extra_options.get("block")
+            key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+            state.begin(extra_options, step)
+            if k.shape[0] != q.shape[0]:
+                k, v = k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1)
+            index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+            out_rows, bias = regulate(q[index], k[index], v[index], extra_options["n_heads"], groups, keep, hw, step,
+                                      state.previous(key, step), params, basis=basis_for(hw, q.device))
+            state.store(key, step, bias)
+            if len(rows) == q.shape[0]:
+                return out_rows
+            out = previous(q, k, v, extra_options).clone()
+            out[index] = out_rows.to(out.dtype)
+            return out
+
+        return regulated_cross_attention
+
+    add_attention_replace(m, "attn2", make_patch, lambda key: key in layers)
+    log.debug("attention regulation on %d layers for %s", len(layers), ", ".join(plan.words))
+    return m

@@ -1,0 +1,87 @@
+from comfy_api.latest import io
+
+from ..attention.regulation import RegulationParams
+from ..engine.patching import unet_of
+from ..engine.regulation import (
+    DEFAULT_BLOCKS,
+    DEFAULT_MAP_SIDE,
+    apply_attention_regulation,
+    find_target_tokens,
+    regulation_layers,
+)
+from .common import CATEGORY, block_spec_error
+
+DEFAULTS = RegulationParams()
+
+
+class AttentionRegulation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnEdit_AttentionRegulation",
+            display_name="Attention Regulation",
+            category=f"{CATEGORY}/attention",
+            description="Makes text-to-image follow the prompt's named objects (\"a cat and a dog\" drawing only "
+                        "the cat) without training (attention regulation, arXiv 2403.06381). In a few "
+                        "low-resolution cross-attention layers, early in the schedule and on the positive prompt "
+                        "only, a smooth bias is added to the target words' attention scores, optimised each step "
+                        "so that every target gets a high-attention region and an equal share of attention. "
+                        "Works with the stock KSampler and SamplerCustom on SD1.x, SD2.x and SDXL.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a patched clone is returned)."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the positive prompt: its tokenizer finds the "
+                                              "target words' token positions."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt, exactly as typed in the CLIPTextEncode that feeds the "
+                                        "sampler's positive input (convert that widget to an input and share one "
+                                        "text to keep them equal)."),
+                io.String.Input("target_words", default="",
+                                tooltip="Comma-separated words or phrases of the prompt to regulate, e.g. 'cat, dog'. "
+                                        "Each is one target (all of its tokens, every occurrence). Empty: the model "
+                                        "is returned unchanged. A word not in the prompt stops the node with the "
+                                        "prompt's word list."),
+                io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Regulate steps i < end_percent x N (the paper: 25 of 50 steps)."),
+                io.Int.Input("iterations", default=DEFAULTS.iterations, min=0, max=200,
+                             tooltip="Gradient-descent steps per layer and step (paper: 20). The best iterate is "
+                                     "kept. 0 = only restore start/end tokens, no bias."),
+                io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=0.0, max=10000.0, step=1.0,
+                               tooltip="Gradient-descent step size on the bump weights (paper: 100)."),
+                io.Float.Input("ema", default=DEFAULTS.ema, min=0.0, max=1.0, step=0.01,
+                               tooltip="Weight of the previous step's bias in the moving average "
+                                       "(S = ema x S_prev + (1 - ema) x S_new; paper: 0.25)."),
+                io.Float.Input("decay", default=DEFAULTS.decay, min=0.0, max=1.0, step=0.001,
+                               tooltip="The bias applied at step i is decay^i x S (paper: 0.99)."),
+                io.Float.Input("peak_target", default=DEFAULTS.peak_target, min=0.0, max=1.0, step=0.01,
+                               tooltip="The value each target map's 90th percentile should reach (paper: 0.9)."),
+                io.Float.Input("share_weight", default=DEFAULTS.share_weight, min=0.0, max=10000.0, step=1.0,
+                               tooltip="Weight of the equal-share term: each target's mean attention pulled to "
+                                       "min(1, 0.2 n) / n (official code: 80)."),
+                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the penalty on the bias weights, mean(w^2), which keeps the edit "
+                                       "small (official code: 0.09; the paper rounds it to 0.1)."),
+                io.String.Input("blocks", default=DEFAULT_BLOCKS,
+                                tooltip="UNet blocks to consider: 'all', or a comma list of input, middle, output "
+                                        "with optional numbers. Default: the encoder and decoder (the paper's last "
+                                        "down and first up block, with map_side)."),
+                io.Float.Input("map_side", default=DEFAULT_MAP_SIDE, min=0.0, max=1.0, step=0.125,
+                               tooltip="Regulate the layers of those blocks whose maps are this fraction of the "
+                                       "latent side (nearest power of two): 0.25 = 16x16 maps on SD at 512 px and "
+                                       "32x32 on SDXL at 1024 px. 0 = every size (slow)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with attention regulation, for any sampler.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, blocks):
+        return block_spec_error(blocks)
+
+    @classmethod
+    def execute(cls, model, clip, prompt, target_words, end_percent, iterations, learning_rate, ema, decay,
+                peak_target, share_weight, beta, blocks, map_side) -> io.NodeOutput:
+        unet_of(model)  # unsupported families first, then bad words and layers: all before any sampling
+        plan = find_target_tokens(clip, prompt, target_words)
+        regulation_layers(model, blocks, map_side)
+        params = RegulationParams(iterations=iterations, learning_rate=learning_rate, ema=ema, decay=decay,
+                                  peak_target=peak_target, share_weight=share_weight, beta=beta)
+        return io.NodeOutput(apply_attention_regulation(model, plan, end_percent, params, blocks, map_side))
