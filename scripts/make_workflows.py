@@ -132,6 +132,26 @@ def reconstruction_compared():
     return g
 
 
+def regulation_side_by_side():
+    """Text-to-image with and without attention regulation, same seed, side by side."""
+    prompt = "a small red circle on the left and a large blue square on the right on a white background"
+    sampler = {"seed": 7, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+    return {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": SD15}),
+        2: ("CLIPTextEncode", {"text": prompt, "clip": (1, 1)}, "Prompt"),
+        3: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Negative prompt"),
+        4: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
+        5: ("AttnEdit_AttentionRegulation", {"model": (1, 0), "clip": (1, 1), "prompt": prompt,
+                                             "target_words": "circle, square"}),
+        6: ("KSampler", {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0), **sampler},
+            "Plain"),
+        7: ("KSampler", {"model": (5, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0), **sampler},
+            "Regulated"),
+        **decode_and_save(8, (6, 0), "attention-edit/regulation_off"),
+        **decode_and_save(10, (7, 0), "attention-edit/regulation_on"),
+    }
+
+
 def sdxl_real_edit():
     """The UAM recipe on SDXL (1024 px images)."""
     return real_edit_uam(SDXL, "sdxl")
@@ -143,6 +163,7 @@ WORKFLOWS = {
     "generated_edit_fpe": generated_edit_fpe,
     "instant_mask_edit": instant_mask_edit,
     "reconstruction_compared": reconstruction_compared,
+    "regulation_side_by_side": regulation_side_by_side,
     "sdxl_real_edit": sdxl_real_edit,
 }
 DEMO_WORKFLOW = "real_edit_uam_masactrl"
