@@ -11,6 +11,7 @@ MODEL = "SD1.5 architecture (seeded random weights)"
 def run(rec, device: str, steps: int = 4, latent_side: int = 32, edit_latent_side: int = 24,
         repeats: int = 5, family: str = "sd15_full") -> None:
     import nodes as comfy_nodes
+
     import tiny
     from attention_edit.engine.masks import AdaptiveMaskStrategy, InstantMaskStrategy
     from attention_edit.nodes.edit_sampler import EditSampler

@@ -17,9 +17,9 @@ def run(rec, device: str, steps: int = 8, latent_side: int = 32, repeats: int = 
     import statistics
     import time
 
+    import nodes as comfy_nodes
     import torch
 
-    import nodes as comfy_nodes
     import tiny
     from attention_edit.attention.regulation import RegulationParams
     from attention_edit.engine import regulation as engine

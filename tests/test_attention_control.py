@@ -1,9 +1,9 @@
 """Uniform attention, self-attention injection and the multi-branch edit sampler on tiny models."""
 
+import nodes as comfy_nodes
 import pytest
 import torch
 
-import nodes as comfy_nodes
 import tiny
 from attention_edit.engine.patching import transformer_blocks
 from attention_edit.nodes.edit_sampler import EditSampler

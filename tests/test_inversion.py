@@ -2,10 +2,10 @@
 
 import comfy.model_management
 import comfy.utils
+import nodes as comfy_nodes
 import pytest
 import torch
 
-import nodes as comfy_nodes
 import tiny
 from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
 

@@ -3,10 +3,10 @@ the word lookup through real CLIP tokenizers, and stock-sampler runs on the thre
 
 import math
 
+import nodes as comfy_nodes
 import pytest
 import torch
 
-import nodes as comfy_nodes
 import tiny
 from attention_edit.attention import regulation as R
 from attention_edit.engine import regulation as E

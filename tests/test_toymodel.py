@@ -6,12 +6,12 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_patcher
 import comfy.sd
+import nodes as comfy_nodes
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
-import nodes as comfy_nodes
 from attention_edit.engine import toymodel
 from attention_edit.nodes import toy_loader
 from attention_edit.nodes.toy_loader import ToyModelLoader
