@@ -1,6 +1,9 @@
 """`make bench`: run the benchmarks and write bench/results/<device>.json.
 
-    python -m bench.run [--device cpu|cuda] [--only perf regulation] [--repeats 5]
+    python -m bench.run [--device cpu|cuda] [--only perf regulation quality] [--repeats 5] [--model FILE]
+
+perf and regulation time the full-size SD1.5 architecture; quality measures edits on the toy world
+(models/toyworld.safetensors, CPU always: the toy model is tiny).
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ import time
 
 from .common import REPO, Recorder, setup
 
-SUITES = ("perf", "regulation")
+SUITES = ("perf", "regulation", "quality")
+
+
+def suite_of(metric: str) -> str:
+    if metric.startswith("toyworld."):
+        return "quality"
+    return "regulation" if metric.startswith("regulation.") else "perf"
 
 
 def main(argv=None) -> int:
@@ -23,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", choices=SUITES, default=list(SUITES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=None, help="result file (default bench/results/<device>.json)")
+    parser.add_argument("--model", default=None, help="toy-world model file for the quality suite "
+                        "(default models/toyworld.safetensors)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models, 2 steps, 1 repeat: checks the benchmarks run (CI); numbers mean nothing")
     args = parser.parse_args(argv)
@@ -45,11 +56,34 @@ def main(argv=None) -> int:
         from . import regulation
 
         regulation.run(rec, args.device, repeats=args.repeats)
+    if "quality" in args.only:
+        from attention_edit.engine import toymodel
+
+        from . import quality
+
+        model = type(REPO)(args.model) if args.model else REPO / "models" / toymodel.TRAINED_FILE_NAME
+        if not model.is_file():
+            parser.error(f"the quality suite needs the toy-world model: {model} does not exist "
+                         "(train it with python -m toyworld.train)")
+        if args.smoke:
+            quality.run(rec, model, steps=4, n_recon=1, n_per_kind=1, n_gen=2, n_attention=1, n_regulation=1,
+                        gen_steps=3, kinds=("recolour", "remove"))
+        else:
+            quality.run(rec, model)
     name = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", rec.common["device"].lower()).strip("-")
     out = REPO / "bench" / "results" / f"{name}.json" if args.output is None else args.output
     out = type(REPO)(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rec.records, indent=1) + "\n")
+    records = rec.records
+    if args.output is None and not args.smoke and out.is_file():
+        # A run of some suites keeps the other suites' records of the last full run.
+        records = [r for r in json.loads(out.read_text()) if suite_of(r["metric"]) not in args.only] + records
+    out.write_text(json.dumps(records, indent=1) + "\n")
+    if args.output is None and not args.smoke:
+        from . import table
+
+        table.update_readme(table.tables(sorted(out.parent.glob("*.json"))))
+        logging.info("README benchmark tables updated from %s", out.parent.relative_to(REPO))
     logging.info("%d records in %.0f s on %s -> %s", len(rec.records), time.perf_counter() - started,
                  rec.common["device"], out)
     for r in rec.records:
