@@ -86,3 +86,7 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 32, edit_latent_sid
             edit_resolution, steps, goal=1.05)
     rec.add("mask.adaptive_overhead_ratio", ratio(times, "edit_adaptive", "edit_fpe"), "ratio", True, model_name,
             edit_resolution, steps, note="adds the auxiliary uniform-attention branch; blending active every step")
+
+    from . import memory
+
+    memory.run(rec, device, model_name, family, steps, side)
