@@ -13,7 +13,7 @@ MODEL = "SD1.5 architecture (seeded random weights)"
 CAT, DOG, END = 5, 8, 9
 
 
-def run(rec, device: str, steps: int = 8, latent_side: int = 32, repeats: int = 5) -> None:
+def run(rec, device: str, steps: int = 8, latent_side: int = 32, repeats: int = 5, family: str = "sd15_full") -> None:
     import statistics
     import time
 
@@ -27,9 +27,10 @@ def run(rec, device: str, steps: int = 8, latent_side: int = 32, repeats: int = 
 
     from .common import interleaved, ratio
 
-    model = tiny.build("sd15_full")
+    model = tiny.build(family)
+    model_name = MODEL if family == "sd15_full" else f"tiny {family} (smoke run)"
     resolution = f"{latent_side * 8}px (latent {latent_side}x{latent_side})"
-    positive, negative = tiny.conditioning("sd15_full", 2), tiny.conditioning("sd15_full", 1)
+    positive, negative = tiny.conditioning(family, 2), tiny.conditioning(family, 1)
     plan = TokenPlan.from_positions([[CAT], [DOG]], end=END, words=("cat", "dog"))
     params = RegulationParams()  # the paper's: 20 iterations, lr 100, EMA 0.25, decay 0.99
     end_percent = 0.5  # the paper's 25 of 50 steps
@@ -62,12 +63,12 @@ def run(rec, device: str, steps: int = 8, latent_side: int = 32, repeats: int = 
     runs = repeats + 1  # the warm-up run included
     extra = dict(cfg=7.5, regulated_steps=regulated_steps, iterations=params.iterations,
                  layers=", ".join(f"{name} {number}" for name, number, _ in layers))
-    rec.add("regulation.overhead_ratio", ratio(times, "regulated", "stock"), "ratio", True, MODEL, resolution, steps,
+    rec.add("regulation.overhead_ratio", ratio(times, "regulated", "stock"), "ratio", True, model_name, resolution, steps,
             goal=1.30, note="paper: 1.488 on SD2 (Attend-and-Excite 5.15)",
             min_ratio=min(times["regulated"]) / min(times["stock"]),
             stock_seconds=[round(t, 3) for t in times["stock"]],
             regulated_seconds=[round(t, 3) for t in times["regulated"]], **extra)
     per_image = sum(inside) / runs
-    rec.add("regulation.optimisation_share", per_image / statistics.median(times["stock"]), "ratio", True, MODEL,
+    rec.add("regulation.optimisation_share", per_image / statistics.median(times["stock"]), "ratio", True, model_name,
             resolution, steps, calls_per_image=len(inside) / runs, seconds_per_image=per_image,
             note="time inside the regulated layers' optimisation per image / stock generation time", **extra)

@@ -55,7 +55,10 @@ def main(argv=None) -> int:
     if "regulation" in args.only:
         from . import regulation
 
-        regulation.run(rec, args.device, repeats=args.repeats)
+        if args.smoke:
+            regulation.run(rec, args.device, steps=2, latent_side=16, repeats=1, family="sd15")
+        else:
+            regulation.run(rec, args.device, repeats=args.repeats)
     if "quality" in args.only:
         from attention_edit.engine import toymodel
 
