@@ -9,18 +9,20 @@ that reads attributes back (`toyworld.classifier`).
 * Reconstruction (held-out scenes): PSNR / SSIM of the decoded reconstruction against the rendered
   input, per inversion variant: ``ddim_cfg1`` and ``ddim_cfg7_5`` (DDIM inversion and reconstruction
   with the caption at that cfg, as the reconstruction workflow compares), ``uniform`` (inversion and
-  reconstruction through AttnEdit_UniformAttention, caption, cfg 7.5), ``pinned``
+  reconstruction through AttnEdit_UniformAttention with the empty prompt, no cfg: UAM's official
+  inversion and its reconstruction branch), ``pinned``
   (InversionReconstruct with the source pinned), and ``vae`` (encode and decode only: the ceiling
   every variant shares).
 * Edits (held-out edit pairs, every kind): per method, the edit success rate (the classifier finds
   the target attributes on the edited object; for "remove" the object count, for "background" the
   background colour), the background PSNR (against the source image, outside the ground-truth edit
   mask), and a structure score (IoU of the classifier's foreground masks of the edit and of the
-  ground-truth target rendering). Methods: ``ddim`` (the target prompt from the caption inversion,
-  no attention control), ``fpe`` (Free-Prompt-Editing, empty-prompt inversion), ``masactrl``,
-  ``uam`` (uniform-attention inversion + MasaCtrl + adaptive mask: workflow 1), ``uam_unchanged``
-  (the same with the paper's dilation of the unchanged region), ``instdiffedit`` (instant mask on the
-  edited words, inversion strength 0.5).
+  ground-truth target rendering). Methods, wired as their example workflows wire them (see
+  `edit_methods`): ``ddim`` (the target prompt from the caption inversion, no attention control),
+  ``fpe`` (Free-Prompt-Editing, empty-prompt inversion), ``masactrl`` (caption inversion), ``uam``
+  (uniform-attention inversion + MasaCtrl + adaptive mask, empty source prompt: workflow 1),
+  ``uam_unchanged`` (the same with the paper's dilation of the unchanged region), ``instdiffedit``
+  (instant mask on the edited words, empty-prompt inversion at strength 0.5).
 * Masks: IoU of the final MASK (> 0.5) with the ground-truth edit mask, on the object edits
   (recolour, reshape, replace), for the instant and the adaptive mask.
 * Generation: attribute accuracy of images generated from held-out captions; object-word
@@ -162,9 +164,9 @@ def reconstruction(world: World, scene_list: Sequence) -> dict[str, dict[str, li
         out = run_node(InversionReconstruct, model=world.model, inversion=handles["ddim_cfg7_5"], positive=caption,
                        negative=empty, cfg=EDIT_CFG, pin_source=True)[0]
         add("pinned", world.decode(out), image)
-        uniform_handle = world.invert(uniform, latent, scene.caption)
-        out = run_node(InversionReconstruct, model=uniform, inversion=uniform_handle, positive=caption, negative=empty,
-                       cfg=EDIT_CFG, pin_source=False)[0]
+        uniform_handle = world.invert(uniform, latent, "")
+        out = run_node(InversionReconstruct, model=uniform, inversion=uniform_handle, positive=empty, negative=empty,
+                       cfg=1.0, pin_source=False)[0]
         add("uniform", world.decode(out), image)
     return scores
 
@@ -174,20 +176,27 @@ def reconstruction(world: World, scene_list: Sequence) -> dict[str, dict[str, li
 
 
 def edit_methods(world: World) -> dict[str, dict[str, Any]]:
-    """Per method: the patched model, which inversion it uses, and how its mask strategy is made."""
+    """Per method, as its example workflow wires it: the patched model (also the model that inverts),
+    the inversion's prompt ("caption" or "empty") and strength, the source branch's prompt, the mask."""
     from attention_edit.nodes.injection import SelfAttentionInjection
     from attention_edit.nodes.uniform_attention import UniformAttention
 
     fpe = run_node(SelfAttentionInjection, model=world.model, mode="fpe")[0]
     masactrl = run_node(SelfAttentionInjection, model=world.model, mode="masactrl")[0]
-    uam = run_node(UniformAttention, model=masactrl, scope="inversion_and_aux")[0]
+    # UAM (official code): uniform attention in the inversion and the auxiliary branch, empty prompt for both
+    # and for the source branch; MasaCtrl on the target.
+    uam = run_node(SelfAttentionInjection, model=run_node(UniformAttention, model=world.model,
+                                                          scope="inversion_and_aux")[0], mode="masactrl")[0]
+    plain = {"invert": "caption", "strength": 1.0, "source": "caption"}
     return {
-        "ddim": {"model": world.model, "inversion": "caption"},
-        "fpe": {"model": fpe, "inversion": "empty"},
-        "masactrl": {"model": masactrl, "inversion": "caption"},
-        "uam": {"model": uam, "inversion": "uniform", "mask": "adaptive"},
-        "uam_unchanged": {"model": uam, "inversion": "uniform", "mask": "adaptive_unchanged"},
-        "instdiffedit": {"model": world.model, "inversion": "caption_half", "mask": "instant"},
+        "ddim": {"model": world.model, **plain},
+        "fpe": {"model": fpe, **plain, "invert": "empty"},
+        "masactrl": {"model": masactrl, **plain},
+        "uam": {"model": uam, "invert": "empty", "strength": 1.0, "source": "empty", "mask": "adaptive"},
+        "uam_unchanged": {"model": uam, "invert": "empty", "strength": 1.0, "source": "empty",
+                          "mask": "adaptive_unchanged"},
+        "instdiffedit": {"model": world.model, "invert": "empty", "strength": 0.5, "source": "caption",
+                         "mask": "instant"},
     }
 
 
@@ -205,37 +214,42 @@ def mask_strategy(world: World, kind: str | None, pair):
     return run_node(InstantMask, clip=world.clip, target_prompt=pair.target_caption, words=pair.target_word)[0]
 
 
-def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
+          keep_images: bool = False) -> list[dict[str, Any]]:
+    """One row of scores per (pair, method); with keep_images the edited image too (row["image"])."""
     from attention_edit.nodes.edit_sampler import EditSampler
-    from attention_edit.nodes.uniform_attention import UniformAttention
     from toyworld import scenes
 
     table = edit_methods(world)
     methods = list(table) if methods is None else list(methods)
-    uniform_inverter = run_node(UniformAttention, model=world.model, scope="all")[0]
     empty = world.cond("")
     rows = []
     for n, pair in enumerate(pairs):
         source_image = scenes.render(pair.source)[0]
         target_image = scenes.render(pair.target)[0]
         latent = world.encode(source_image)
-        inverters = {"caption": (world.model, pair.source_caption, 1.0), "empty": (world.model, "", 1.0),
-                     "caption_half": (world.model, pair.source_caption, 0.5),
-                     "uniform": (uniform_inverter, pair.source_caption, 1.0)}
-        handles = {name: world.invert(inverters[name][0], latent, inverters[name][1], inverters[name][2])
-                   for name in dict.fromkeys(table[m]["inversion"] for m in methods)}
+        prompts = {"caption": pair.source_caption, "empty": ""}
+        handles: dict[tuple, Any] = {}  # one inversion per (model, prompt, strength), shared by the methods
+        for method in methods:
+            spec = table[method]
+            key = (id(spec["model"]), spec["invert"], spec["strength"])
+            if key not in handles:
+                handles[key] = world.invert(spec["model"], latent, prompts[spec["invert"]], spec["strength"])
         keep = ~pair.edit_mask
         for method in methods:
             spec = table[method]
             started = time.perf_counter()
-            edited, _, mask = run_node(EditSampler, model=spec["model"], source=world.cond(pair.source_caption),
+            handle = handles[(id(spec["model"]), spec["invert"], spec["strength"])]
+            edited, _, mask = run_node(EditSampler, model=spec["model"], source=world.cond(prompts[spec["source"]]),
                                        target=world.cond(pair.target_caption), negative=empty, cfg=EDIT_CFG,
-                                       steps=world.steps, inversion=handles[spec["inversion"]],
+                                       steps=world.steps, inversion=handle,
                                        mask_strategy=mask_strategy(world, spec.get("mask"), pair))
             image = world.decode(edited)
             row = {"pair": n, "kind": pair.kind, "method": method, "success": edit_succeeded(pair, image),
                    "background_psnr": psnr(image, source_image, keep) if keep.any() else None,
                    "structure": structure_iou(image, target_image), "seconds": time.perf_counter() - started}
+            if keep_images:
+                row["image"] = image
             if spec.get("mask") is not None and pair.kind in OBJECT_EDITS:
                 row["mask_iou"] = iou(mask[0].cpu().numpy() > MASK_THRESHOLD, pair.edit_mask)
             rows.append(row)
@@ -275,7 +289,9 @@ def regulation_rates(world: World, scene_list: Sequence, steps: int) -> dict[str
                          target_words=regulation_targets(scene))[0]
         plain.append(both_objects(scene, evaluate.generate(world.model, world.clip, world.vae, [scene.caption], settings)[0]))
         regulated.append(both_objects(scene, evaluate.generate(model, world.clip, world.vae, [scene.caption], settings)[0]))
-    return {"plain": float(np.mean(plain)), "regulated": float(np.mean(regulated))}
+    dropped = [r for p, r in zip(plain, regulated) if not p]  # prompts where plain sampling dropped an object
+    return {"plain": float(np.mean(plain)), "regulated": float(np.mean(regulated)), "dropped": len(dropped),
+            "rescued": float(np.mean(dropped)) if dropped else float("nan")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +311,7 @@ def run(rec, model_path, **options) -> None:
 
 
 def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int = 4, n_gen: int = 64,
-            n_attention: int = 32, n_regulation: int = 16, gen_steps: int = 20, methods: Sequence[str] | None = None,
+            n_attention: int = 32, n_regulation: int = 32, gen_steps: int = 20, methods: Sequence[str] | None = None,
             kinds: Sequence[str] | None = None) -> None:
     from attention_edit.engine import toymodel
     from toyworld import evaluate, scenes
@@ -363,4 +379,7 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
         rates = regulation_rates(world, two, gen_steps)
         add("toyworld.regulation.both_objects_rate", rates["regulated"], "rate", steps_=gen_steps, n=len(two))
         add("toyworld.regulation.both_objects_rate.plain", rates["plain"], "rate", steps_=gen_steps, n=len(two))
+        if rates["dropped"]:
+            add("toyworld.regulation.both_objects_rate.where_plain_dropped", rates["rescued"], "rate", steps_=gen_steps,
+                n=rates["dropped"], note="regulated, on the prompts where plain sampling dropped an object")
         log.info("regulation: %.0f s", time.perf_counter() - started)

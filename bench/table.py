@@ -31,7 +31,7 @@ RECON_VARIANTS = {
     "vae": "VAE encode/decode only (ceiling)",
     "ddim_cfg1": "DDIM, caption, cfg 1",
     "ddim_cfg7_5": "DDIM, caption, cfg 7.5",
-    "uniform": "uniform attention (UAM), cfg 7.5",
+    "uniform": "uniform attention (UAM), empty prompt, cfg 1",
     "pinned": "pinned source (InversionReconstruct)",
 }
 
@@ -89,7 +89,9 @@ def quality_tables(records: list[dict]) -> list[str]:
             ("Objects with every attribute right", "toyworld.gen_object_attribute_rate"),
             ("Object-word attention mass inside the object", "toyworld.attention_mass_in_mask"),
             ("Both objects drawn, plain sampling", "toyworld.regulation.both_objects_rate.plain"),
-            ("Both objects drawn, attention regulation", "toyworld.regulation.both_objects_rate")]
+            ("Both objects drawn, attention regulation", "toyworld.regulation.both_objects_rate"),
+            ("Both objects drawn with regulation where plain sampling dropped one",
+             "toyworld.regulation.both_objects_rate.where_plain_dropped")]
     lines += ["| Measure | value |", "|---|---|"]
     for label, metric in rows:
         if metric in by:
