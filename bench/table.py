@@ -90,6 +90,8 @@ def quality_tables(records: list[dict]) -> list[str]:
             ("Object-word attention mass inside the object", "toyworld.attention_mass_in_mask"),
             ("Both objects drawn, plain sampling", "toyworld.regulation.both_objects_rate.plain"),
             ("Both objects drawn, attention regulation", "toyworld.regulation.both_objects_rate"),
+            ("Both objects with colour and shape, plain sampling", "toyworld.regulation.both_objects_exact_rate.plain"),
+            ("Both objects with colour and shape, attention regulation", "toyworld.regulation.both_objects_exact_rate"),
             ("Both objects drawn with regulation where plain sampling dropped one",
              "toyworld.regulation.both_objects_rate.where_plain_dropped")]
     lines += ["| Measure | value |", "|---|---|"]
