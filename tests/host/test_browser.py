@@ -10,16 +10,10 @@ Never skipped: without chromium this test fails and says to run `make browser`.
 
 from __future__ import annotations
 
-import pathlib
-
-import pytest
+from headless_chromium import ARTIFACTS, launch, require_playwright
 
 from attention_edit.nodes import NODES
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-ARTIFACTS = pathlib.Path(__file__).resolve().parents[1] / "artifacts" / "browser"
 NODE_IDS = [cls.define_schema().node_id for cls in NODES]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 PACK_MARKERS = ("attention-edit", "attention_edit", "AttnEdit")
@@ -71,18 +65,13 @@ def _close_templates_dialog(page) -> None:
 
 
 def test_frontend_loads_and_knows_every_node(comfy_server, object_info):
-    if not pathlib.Path(CHROMIUM).exists():
-        pytest.fail(f"chromium not found at {CHROMIUM}: run `make browser` (installs Debian's chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        pytest.fail(f"the playwright package is missing ({e}): run `make setup` and `make browser`")
+    sync_playwright = require_playwright()
 
     page_errors: list[str] = []
     console_errors: list[str] = []
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             context = browser.new_context(viewport={"width": 1600, "height": 1000})  # a fresh profile
             page = context.new_page()

@@ -35,6 +35,7 @@ import re
 import time
 
 import pytest
+from headless_chromium import ARTIFACTS, close_dialogs, launch, require_playwright
 
 from attention_edit.nodes import NODES
 
@@ -42,10 +43,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCS = REPO / "web" / "docs"
 PACK_FOLDER = "attention-edit"  # the pack's folder in the host's custom_nodes/ (scripts/comfy_host.py)
 LOCALE = "en"  # the frontend's default locale (fresh profile)
-ARTIFACTS = REPO / "tests" / "artifacts" / "browser"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 VIEWPORT = {"width": 1600, "height": 1000}
 SCHEMAS = [cls.define_schema() for cls in NODES]
 NODE_IDS = [s.node_id for s in SCHEMAS if s.node_id.startswith("AttnEdit_")]
@@ -75,10 +72,6 @@ PLACE_NODE = """(id) => {
 
 SELECTED_IDS = "() => Array.from(window.app.canvas.selectedItems || []).map(i => i.id)"
 
-VISIBLE_DIALOGS = """() => Array.from(document.querySelectorAll('.p-dialog'))
-  .filter(d => d.getClientRects().length > 0)
-  .map(d => d.innerText.trim())"""
-
 PANEL_STATE = f"""() => {{
   const panel = document.querySelector('{PANEL}');
   if (!panel) return null;
@@ -93,29 +86,6 @@ PANEL_STATE = f"""() => {{
     header: (panel.parentElement.querySelector('span.font-semibold') || {{textContent: ''}}).textContent.trim(),
   }};
 }}"""
-
-
-def _require_browser():
-    if not pathlib.Path(CHROMIUM).exists():
-        pytest.fail(f"chromium not found at {CHROMIUM}: run `make browser` (installs Debian's chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        pytest.fail(f"the playwright package is missing ({e}): run `make browser`")
-    return sync_playwright
-
-
-def _close_dialogs(page, rounds: int = 4) -> None:
-    """Close whatever dialog is open (the first-run Templates dialog)."""
-    for _ in range(rounds):
-        if not page.evaluate(VISIBLE_DIALOGS):
-            return
-        close = page.locator(".p-dialog button:has(i.pi-times)")
-        if close.count():
-            close.first.click()
-        else:
-            page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
 
 
 def served_page(node_id: str) -> tuple[pathlib.Path, str]:
@@ -158,9 +128,9 @@ class Frontend:
 
 @pytest.fixture(scope="module")
 def frontend(comfy_server):
-    sync_playwright = _require_browser()
+    sync_playwright = require_playwright()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             context = browser.new_context(viewport=VIEWPORT)  # a fresh profile
             fe = Frontend(context.new_page())
@@ -170,7 +140,7 @@ def frontend(comfy_server):
                 fe.page.wait_for_selector(".p-dialog", state="visible", timeout=8000)
             except Exception:
                 pass
-            _close_dialogs(fe.page)
+            close_dialogs(fe.page)
             yield fe
         finally:
             browser.close()
@@ -196,7 +166,7 @@ def test_docs_panel_shows_the_page(frontend, node_id):
     page = frontend.page
     errors_before, responses_before = len(frontend.page_errors), len(frontend.responses)
     t0 = time.monotonic()
-    _close_dialogs(page)
+    close_dialogs(page)
     placed = page.evaluate(PLACE_NODE, node_id)
     assert placed is not None, f"LiteGraph.createNode({node_id!r}) returned nothing"
     page.wait_for_timeout(100)  # one frame: the canvas draws the node before it is clicked

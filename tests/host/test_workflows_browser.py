@@ -32,6 +32,7 @@ import time
 
 import pytest
 import workflow_tools
+from headless_chromium import ARTIFACTS, VISIBLE_DIALOGS, close_dialogs, launch, require_playwright
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -39,10 +40,6 @@ if str(REPO) not in sys.path:
 
 WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
-ARTIFACTS = REPO / "tests" / "artifacts" / "browser"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 # Wide enough that the fitted view of a workflow stays above the zoom where LiteGraph drops node details.
 VIEWPORT = {"width": 2560, "height": 1440}
 TOY_SIZE = 128  # the toy model's image side (16x16 latents); the input image and EmptyLatentImage use it
@@ -106,34 +103,6 @@ LOAD_WORKFLOW = """async (workflow) => {
   return {loadError, toasts, nodes, links, serialized, prompt, promptError, loadMs, promptMs};
 }"""
 
-VISIBLE_DIALOGS = """() => Array.from(document.querySelectorAll('.p-dialog'))
-  .filter(d => d.getClientRects().length > 0)
-  .map(d => d.innerText.trim())"""
-
-
-def _require_browser():
-    if not pathlib.Path(CHROMIUM).exists():
-        pytest.fail(f"chromium not found at {CHROMIUM}: run `make browser` (installs Debian's chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        pytest.fail(f"the playwright package is missing ({e}): run `make browser`")
-    return sync_playwright
-
-
-def _close_dialogs(page, rounds: int = 4) -> None:
-    """Close whatever dialog is open (the first-run Templates dialog, a previous workflow's warning)."""
-    for _ in range(rounds):
-        if not page.evaluate(VISIBLE_DIALOGS):
-            return
-        close = page.locator(".p-dialog button:has(i.pi-times)")
-        if close.count():
-            close.first.click()
-        else:
-            page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
-
-
 def _load_image_names(workflow: dict) -> list[str]:
     return [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadImage" and n.get("widgets_values")]
 
@@ -175,7 +144,7 @@ class Frontend:
 
     def load(self, workflow: dict) -> dict:
         """Load a workflow through the frontend; return what it built, the dialogs it opened and what it logged."""
-        _close_dialogs(self.page)
+        close_dialogs(self.page)
         first_console = len(self.console)
         result = self.page.evaluate(LOAD_WORKFLOW, workflow)
         self.page.wait_for_timeout(500)  # dialogs render, the view fits the graph (requestAnimationFrame)
@@ -190,9 +159,9 @@ class Frontend:
 
 @pytest.fixture(scope="module")
 def frontend(comfy_server, input_images):
-    sync_playwright = _require_browser()
+    sync_playwright = require_playwright()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             context = browser.new_context(viewport=VIEWPORT)  # a fresh profile
             fe = Frontend(context.new_page(), comfy_server.url)
@@ -202,7 +171,7 @@ def frontend(comfy_server, input_images):
                 fe.page.wait_for_selector(".p-dialog", state="visible", timeout=8000)
             except Exception:
                 pass
-            _close_dialogs(fe.page)
+            close_dialogs(fe.page)
             yield fe
         finally:
             browser.close()
