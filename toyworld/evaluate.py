@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import comfy_host
 from attention_edit.engine import toymodel
+from attention_edit.engine.conditioning import stack_conditionings
 
 from . import classifier, scenes
 from .train import CaptionTokens, attend, attention_probabilities, unet_transformer_keys
@@ -102,16 +103,6 @@ def encode_prompt(clip, text: str):
     return comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
-def _stack_conditionings(conds: Sequence) -> list:
-    """One CONDITIONING whose batch row i is conds[i] (each a single-entry, batch-1 conditioning)."""
-    tensors = torch.cat([c[0][0] for c in conds], dim=0)
-    extras: dict[str, Any] = {}
-    pooled = [c[0][1].get("pooled_output") for c in conds]
-    if all(p is not None for p in pooled):
-        extras["pooled_output"] = torch.cat(pooled, dim=0)
-    return [[tensors, extras]]
-
-
 @torch.no_grad()
 def generate(model, clip, vae, captions: Sequence[str], settings: GenerationSettings | None = None,
              image_size: int = scenes.REFERENCE_SIZE) -> np.ndarray:
@@ -125,8 +116,9 @@ def generate(model, clip, vae, captions: Sequence[str], settings: GenerationSett
     out = []
     for start in range(0, len(captions), settings.batch):
         chunk = list(captions[start:start + settings.batch])
-        positive = _stack_conditionings([encode_prompt(clip, c) for c in chunk])
-        negative = _stack_conditionings([negative_one] * len(chunk))
+        # Row i of the batch is caption i (the edit sampler's branch stacking, one image per branch).
+        positive = stack_conditionings([encode_prompt(clip, c) for c in chunk], 1)
+        negative = stack_conditionings([negative_one] * len(chunk), 1)
         latent = torch.zeros(len(chunk), 4, side, side)
         noise = torch.cat([torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(settings.seed + start + i))
                            for i in range(len(chunk))])
