@@ -15,19 +15,30 @@ MASACTRL = "masactrl"
 MODES = (FPE, MASACTRL)
 
 
-def substitute_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
-                      source_rows: list[int], target_rows: list[int]):
-    """q, k, v with the target rows' inputs substituted from the source rows as `mode` says."""
+# The source inputs each mode reads: all the source replay has to keep for it.
+SOURCE_INPUTS = {FPE: ("q", "k"), MASACTRL: ("k", "v")}
+
+
+def substitute_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, target_rows: list[int],
+                      source: dict[str, torch.Tensor]):
+    """q, k, v with the target rows' inputs replaced as `mode` says.
+
+    source: the source branch's inputs named in SOURCE_INPUTS[mode], one row per target row (taken
+    from the same call's source rows, or replayed from the inversion).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown injection mode '{mode}', expected one of {MODES}")
-    src = torch.as_tensor(source_rows, device=q.device)
     tgt = torch.as_tensor(target_rows, device=q.device)
-    k = k.clone()
-    k[tgt] = k[src]
-    if mode == FPE:
-        q = q.clone()
-        q[tgt] = q[src]
-    else:
-        v = v.clone()
-        v[tgt] = v[src]
-    return q, k, v
+    inputs = {"q": q, "k": k, "v": v}
+    for name in SOURCE_INPUTS[mode]:
+        changed = inputs[name].clone()
+        changed[tgt] = source[name].to(changed)
+        inputs[name] = changed
+    return inputs["q"], inputs["k"], inputs["v"]
+
+
+def source_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str,
+                  source_rows: list[int]) -> dict[str, torch.Tensor]:
+    """The inputs `mode` reads from the source rows of the same call."""
+    inputs = {"q": q, "k": k, "v": v}
+    return {name: inputs[name][source_rows] for name in SOURCE_INPUTS[mode]}

@@ -61,7 +61,7 @@ def make_jobs(family: str, steps: int, latent_side: int, device: str):
 
     model = tiny.build(family)
     latent = tiny.latent(size=latent_side)
-    empty, source, target = (tiny.conditioning(family, s) for s in (1, 2, 3))
+    empty, target = tiny.conditioning(family, 1), tiny.conditioning(family, 3)
     fpe = SelfAttentionInjection.execute(model=model, mode="fpe", fpe_ratio=0.8, fpe_max_map_side=0.5,
                                          masactrl_start_step=4, masactrl_start_layer=-1).args[0]
 
@@ -69,10 +69,10 @@ def make_jobs(family: str, steps: int, latent_side: int, device: str):
         comfy_nodes.common_ksampler(model, 0, steps, 7.5, "euler", "ddim_uniform", target, empty,
                                     {"samples": latent}, disable_noise=True)
 
-    def edit():
-        _, handle = DDIMInversion.execute(model=model, latent={"samples": latent}, positive=empty, negative=empty,
+    def edit():  # as the FPE workflow: the patched model inverts, then edits replaying the source
+        _, handle = DDIMInversion.execute(model=fpe, latent={"samples": latent}, positive=empty, negative=empty,
                                           cfg=1.0, steps=steps, scheduler="ddim_uniform", strength=1.0).args
-        EditSampler.execute(model=fpe, source=source, target=target, negative=empty, cfg=7.5, steps=steps,
+        EditSampler.execute(model=fpe, source=empty, target=target, negative=empty, cfg=7.5, steps=steps,
                             scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle)
 
     return model, {"generation": generation, "edit": edit}

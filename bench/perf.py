@@ -55,37 +55,53 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 32, edit_latent_sid
     rec.add("uniform.overhead_ratio", ratio(times, "uniform", "stock"), "ratio", True, model_name, resolution, steps, goal=1.0)
 
     # The edit pass and its options against one stock generation, at a smaller latent (more variants).
+    # As the workflows wire them: the patched model also inverts (it keeps what the source branch's
+    # injection reads), and the source prompt is the inversion's, so the source branch is replayed.
     side = edit_latent_side
     edit_resolution = f"{side * 8}px (latent {side}x{side})"
     small = tiny.latent(size=side)
-    _, small_handle = DDIMInversion.execute(model=model, latent={"samples": small}, positive=empty, negative=empty,
-                                            cfg=1.0, steps=steps, scheduler="ddim_uniform", strength=1.0).args
     fpe = SelfAttentionInjection.execute(model=model, mode="fpe", fpe_ratio=0.8, fpe_max_map_side=0.5,
                                          masactrl_start_step=4, masactrl_start_layer=-1).args[0]
     uam = UniformAttention.execute(model=fpe, scope="inversion_and_aux", start_percent=0.0, end_percent=1.0,
                                    blocks="all").args[0]
+
+    def invert_small(m):
+        return DDIMInversion.execute(model=m, latent={"samples": small}, positive=empty, negative=empty, cfg=1.0,
+                                     steps=steps, scheduler="ddim_uniform", strength=1.0).args[1]
+
+    fpe_handle, uam_handle = invert_small(fpe), invert_small(uam)
     groups = [[[1]], [[2]], [[3]]]
 
-    def edit(m, strategy=None):
-        return EditSampler.execute(model=m, source=source, target=target, negative=empty, cfg=7.5, steps=steps,
-                                   scheduler="ddim_uniform", pin_source=True, seed=0, inversion=small_handle,
+    def edit(m, handle, strategy=None, source_prompt=empty):
+        return EditSampler.execute(model=m, source=source_prompt, target=target, negative=empty, cfg=7.5, steps=steps,
+                                   scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle,
                                    mask_strategy=strategy).args
 
     times = interleaved({
-        "stock": lambda: stock(model, target, 7.5, small_handle.latents[0]),
-        "edit_plain": lambda: edit(model),
-        "edit_fpe": lambda: edit(fpe),
-        "edit_instant": lambda: edit(fpe, InstantMaskStrategy([g[0] for g in groups], [1])),
-        "edit_adaptive": lambda: edit(uam, AdaptiveMaskStrategy(t_mask=1000.0)),
+        "stock": lambda: stock(model, target, 7.5, fpe_handle.latents[0]),
+        "edit_plain": lambda: edit(model, fpe_handle),
+        "edit_fpe": lambda: edit(fpe, fpe_handle),
+        "edit_fpe_recomputed": lambda: edit(fpe, fpe_handle, source_prompt=source),
+        "edit_instant": lambda: edit(fpe, fpe_handle, InstantMaskStrategy([g[0] for g in groups], [1])),
+        "edit_adaptive": lambda: edit(uam, uam_handle, AdaptiveMaskStrategy(t_mask=1000.0)),
     }, repeats=repeats)
+    kept_mb = round(fpe_handle.record.nbytes / 2**20, 2)
     rec.add("injection.overhead_ratio", ratio(times, "edit_fpe", "edit_plain"), "ratio", True, model_name,
             edit_resolution, steps, goal=1.05)
     rec.add("edit.cost_ratio_vs_generation", ratio(times, "edit_fpe", "stock"), "ratio", True, model_name,
-            edit_resolution, steps, goal=1.10, note="source and target recomputed each step (no source replay yet)")
+            edit_resolution, steps, goal=1.10, replay_cache_mb=kept_mb,
+            note="FPE edit, source replayed from the inversion (source prompt = inversion prompt)")
+    rec.add("edit.cost_ratio_recomputed_source", ratio(times, "edit_fpe_recomputed", "stock"), "ratio", True,
+            model_name, edit_resolution, steps,
+            note="the same edit with another source prompt than the inversion's: the source branch runs each step")
+    rec.add("replay.cache_mb", kept_mb, "MB", True, model_name, edit_resolution, steps,
+            note="what the FPE inversion keeps for replay (Q, K of the source in 11 of 16 self-attention layers, "
+                 "steps [0, 0.8 N)), on the CPU")
     rec.add("mask.instant_overhead_ratio", ratio(times, "edit_instant", "edit_fpe"), "ratio", True, model_name,
             edit_resolution, steps, goal=1.05)
     rec.add("mask.adaptive_overhead_ratio", ratio(times, "edit_adaptive", "edit_fpe"), "ratio", True, model_name,
-            edit_resolution, steps, note="adds the auxiliary uniform-attention branch; blending active every step")
+            edit_resolution, steps, note="UAM: the auxiliary branch is replayed, the source (normal attention, "
+                                         "unlike the uniform inversion) runs; blending active every step")
 
     from . import memory
 

@@ -13,9 +13,12 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
-from ..attention.layout import SOURCE, TARGET, BranchLayout
-from .conditioning import stack_conditionings
+from ..attention.layout import AUX, SOURCE, TARGET, BranchLayout
+from .conditioning import conditioning_key, stack_conditionings
 from .inversion import with_run_options
+from .replay import REPLAY_KEY, ReplayPlan, ReplayStore, plan_replay
+
+REPLAYABLE = (SOURCE, AUX)  # branches that can be the inversion's own computation
 
 
 @dataclass
@@ -36,34 +39,59 @@ class BranchRun:
 
 def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Tensor, full_schedule: torch.Tensor,
                     images: int, trajectory: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                    pin: str | None = None, strategy=None, callback=None) -> BranchRun:
+                    pin: tuple[str, ...] = (), strategy=None, callback=None, handle=None) -> BranchRun:
     """Run the branches together from the start of `sigmas`.
 
     trajectory: an inversion's latents (model space, one per sigma): every branch starts from its
-    first entry, and the branch named by `pin` is replaced by the stored latent at every step, which
-    makes its reconstruction exact and gives the others an exact source to read attention from.
+    first entry, and the branches named in `pin` are replaced by the stored latent at every step,
+    which makes their reconstruction exact and gives the others an exact source to read attention from.
     noise: for generated images instead: the same noise starts every branch.
+    handle: the inversion, to replay the pinned branches it already computed (engine.replay) instead
+    of running them; the plan is in the run's info.
     """
     names = tuple(b.name for b in branches)
-    layout = BranchLayout(names, images)
-    m = with_run_options(model, layout, full_schedule)
-    positive = stack_conditionings([b.positive for b in branches], images)
-    negative = stack_conditionings([b.negative for b in branches], images)
-    pin_rows = layout.rows(pin, layout.rows_per_chunk) if pin else []
-    preview_rows = layout.rows(TARGET if TARGET in names else names[-1], layout.rows_per_chunk)
+    layout = BranchLayout(names, images)  # every branch: what strategies and callbacks see
+    plan = ReplayPlan()
+    if handle is not None:
+        candidates = {b.name: (conditioning_key(b.positive), conditioning_key(b.negative))
+                      for b in branches if b.name in REPLAYABLE}
+        plan = plan_replay(model, handle, candidates, cfg, pinned=set(pin))
+    live = [b for b in branches if b.name not in plan.branches]
+    live_layout = BranchLayout(tuple(b.name for b in live), images)  # the rows the model runs
+    run_objects = {}
+    store = None
+    if SOURCE in plan.branches:
+        store = ReplayStore(handle.record, plan.kind_map, images, live_layout.rows_per_chunk)
+        run_objects[REPLAY_KEY] = store
+    m = with_run_options(model, live_layout, full_schedule, **run_objects)
+    positive = stack_conditionings([b.positive for b in live], images)
+    negative = stack_conditionings([b.negative for b in live], images)
+    rows = {name: layout.rows(name, layout.rows_per_chunk) for name in names}
+    live_rows = [r for b in live for r in rows[b.name]]
+    pin_rows = [r for name in pin if name in names for r in rows[name]]
+    preview_rows = rows[TARGET if TARGET in names else names[-1]]
+    offset = len(full_schedule) - len(sigmas)  # full-schedule index of sigmas[0]
     if strategy is not None:
         strategy.begin(layout, sigmas, trajectory, model.get_model_object("model_sampling"))
 
-    def branch_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+    def branch_sampler(model_k, x_live, sigmas, extra_args=None, callback=None, disable=None):
         n = len(sigmas) - 1
         if trajectory is not None:
-            x = trajectory[0].to(x).repeat(len(names), 1, 1, 1)
-        s_in = x.new_ones([x.shape[0]])
+            x = trajectory[0].to(x_live).repeat(len(names), 1, 1, 1)
+        else:
+            x = x_live.new_zeros((layout.rows_per_chunk,) + tuple(x_live.shape[1:]))
+            x[live_rows] = x_live
+        s_in = x.new_ones([len(live_rows)])
         for i in range(n):
             if pin_rows:
                 x[pin_rows] = trajectory[i].to(x)
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-            denoised = model_k(x, sigma * s_in, **(extra_args or {}))
+            if store is not None:
+                store.step = offset + i
+            denoised = torch.empty_like(x)
+            denoised[live_rows] = model_k(x[live_rows], sigma * s_in, **(extra_args or {}))
+            for name in plan.branches:  # a pinned branch's prediction is the inversion's own
+                denoised[rows[name]] = (trajectory[i] - sigma * handle.eps[i]).to(x)
             if strategy is not None:
                 denoised = strategy.blend_denoised(i, x, denoised)
             x = x + (sigma_next - sigma) * (x - denoised) / sigma
@@ -73,21 +101,25 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
                 callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised[preview_rows]})
         if pin_rows:
             x[pin_rows] = trajectory[n].to(x)
-        return x
+        final[0] = x
+        return x[live_rows]
 
+    final = [None]
     if noise is None:
-        noise = torch.zeros((images * len(names),) + tuple(trajectory.shape[2:]), dtype=trajectory.dtype)
+        noise = torch.zeros((images * len(live),) + tuple(trajectory.shape[2:]), dtype=trajectory.dtype)
     else:
-        noise = noise.repeat(len(names), 1, 1, 1)
+        noise = noise.repeat(len(live), 1, 1, 1)
     guider = comfy.samplers.CFGGuider(m)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    out = guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(branch_sampler), sigmas,
-                        callback=callback, disable_pbar=True, seed=0)
-    out = out.to(comfy.model_management.intermediate_device())
-    latents = {name: out[layout.rows(name, layout.rows_per_chunk)] for name in names}
+    guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(branch_sampler), sigmas,
+                  callback=callback, disable_pbar=True, seed=0)
+    # Every branch's final latent, replayed ones included, out of the model's sampling space.
+    x = model.get_model_object("model_sampling").inverse_noise_scaling(sigmas[-1], final[0])
+    out = model.model.process_latent_out(x).to(comfy.model_management.intermediate_device())
+    latents = {name: out[rows[name]] for name in names}
     mask = strategy.final_mask() if strategy is not None else None
-    return BranchRun(latents=latents, mask=mask)
+    return BranchRun(latents=latents, mask=mask, info={"replayed": plan.branches, "recomputed": plan.reasons})
 
 
 __all__ = ["Branch", "BranchRun", "sample_branches", "SOURCE", "TARGET"]

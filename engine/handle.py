@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .patching import unet_of
+from .replay import SourceRecord
 
 
 def model_fingerprint(model) -> tuple:
@@ -23,9 +24,9 @@ def model_fingerprint(model) -> tuple:
 class InversionHandle:
     """Index i of `latents` is the latent at `sigmas[i]` (descending; the last is 0, the input image).
 
-    `eps[i]` is the noise the model predicted at (latents[i], sigmas[i]) for i >= 1 (at the model's
-    smallest sigma for the clean latent); eps[0] is never evaluated by inversion and is NaN.
-    Latents are in the model's sampling space (after process_latent_in).
+    `eps[i]` is the noise the model predicted at (latents[i], sigmas[i]) (at the model's smallest sigma
+    for the clean latent). Latents are in the model's sampling space (after process_latent_in).
+    `record` is what the inversion kept for edits to replay their source branch (engine.replay).
     """
 
     latents: torch.Tensor
@@ -37,6 +38,7 @@ class InversionHandle:
     cfg: float
     model_key: tuple
     conditioning_key: str
+    record: SourceRecord | None = None
 
     @property
     def inverted_steps(self) -> int:
@@ -67,4 +69,5 @@ class InversionHandle:
 
     def __repr__(self):  # shown in ComfyUI's logs and cache keys: keep it short
         return (f"InversionHandle(images={self.images}, shape={self.latent_shape}, steps={self.steps}, "
-                f"inverted={self.inverted_steps}, scheduler={self.scheduler}, cfg={self.cfg})")
+                f"inverted={self.inverted_steps}, scheduler={self.scheduler}, cfg={self.cfg}, "
+                f"kept={0 if self.record is None else self.record.nbytes / 2**20:.1f} MB)")

@@ -8,6 +8,8 @@ into the same `denoised`, so eps = (x - denoised) / sigma serves every family al
 
 from __future__ import annotations
 
+import logging
+
 import comfy.model_management
 import comfy.samplers
 import torch
@@ -17,6 +19,9 @@ from ..attention.schedule import SCHEDULE_KEY
 from .conditioning import conditioning_key
 from .handle import InversionHandle, model_fingerprint
 from .patching import unet_of
+from .replay import RECORDER_KEY, SourceRecorder, inversion_signatures
+
+log = logging.getLogger("attention_edit")
 
 
 def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
@@ -55,12 +60,14 @@ def check_latent_fits(model, samples: torch.Tensor) -> None:
         raise ValueError("the latent contains NaN or infinite values")
 
 
-def with_run_options(model, layout: BranchLayout, full_schedule: torch.Tensor):
-    """A clone publishing the branch layout and the full schedule to the attention patches."""
+def with_run_options(model, layout: BranchLayout, full_schedule: torch.Tensor, **objects):
+    """A clone publishing the branch layout, the full schedule and run objects (by transformer_options
+    key, e.g. the source recorder) to the attention patches."""
     m = model.clone()
     options = m.model_options.setdefault("transformer_options", {})
     options[LAYOUT_KEY] = layout.as_options()
     options[SCHEDULE_KEY] = [float(s) for s in full_schedule]
+    options.update(objects)  # set after clone(): run objects are shared, never deep-copied
     return m
 
 
@@ -70,8 +77,10 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     full = schedule(model, scheduler, steps)
     sigmas = inverted_part(full, strength)
     images = samples.shape[0]
-    m = with_run_options(model, BranchLayout((INVERSION,), images), full)
+    recorder = SourceRecorder(images)
+    m = with_run_options(model, BranchLayout((INVERSION,), images), full, **{RECORDER_KEY: recorder})
     sigma_floor = float(model.get_model_object("model_sampling").sigma_min)
+    offset = len(full) - len(sigmas)  # full-schedule index of sigmas[0]
     record = {}
 
     def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -81,8 +90,10 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
         latents[n] = x
         s_in = x.new_ones([x.shape[0]])
         for step, j in enumerate(range(n, 0, -1)):
-            # The clean latent sits at sigma 0, where eps is undefined: read it at the model's smallest sigma.
+            # The clean latent sits at sigma 0, where eps is undefined: read it at the model's smallest sigma
+            # (no edit step evaluates there, so nothing is kept for replay).
             sigma = float(sigmas[j]) if float(sigmas[j]) > 0 else sigma_floor
+            recorder.step = offset + j if float(sigmas[j]) > 0 else None
             denoised = model_k(x, sigma * s_in, **(extra_args or {}))
             eps = (x - denoised) / sigma
             eps_at[j] = eps
@@ -90,7 +101,10 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
             latents[j - 1] = x
             if callback is not None:
                 callback({"x": x, "i": step, "sigma": sigmas[j - 1], "sigma_hat": sigmas[j - 1], "denoised": denoised})
-        eps_at[0] = torch.full_like(x, float("nan"))
+        # One more call at the noisiest latent, where every edit starts: with it the handle holds every
+        # prediction an edit's pinned source makes, so edits can replay the source from step 0.
+        recorder.step = offset
+        eps_at[0] = (x - model_k(x, float(sigmas[0]) * s_in, **(extra_args or {}))) / float(sigmas[0])
         device = comfy.model_management.intermediate_device()
         record["latents"] = torch.stack(latents).to(device)
         record["eps"] = torch.stack(eps_at).to(device)
@@ -102,7 +116,14 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     zeros = torch.zeros_like(samples)
     noisy = guider.sample(zeros, samples, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, callback=callback,
                           disable_pbar=True, seed=0)
+    kept = recorder.record
+    kept.attention_signature, kept.options_signature = inversion_signatures(model)
+    kept.chunk_keys = {0: conditioning_key(positive)}
+    if abs(cfg - 1.0) > 1e-9:
+        kept.chunk_keys[1] = conditioning_key(negative if negative is not None else positive)
     handle = InversionHandle(latents=record["latents"], sigmas=sigmas.clone(), eps=record["eps"], steps=steps,
                              scheduler=scheduler, strength=strength, cfg=cfg, model_key=model_fingerprint(model),
-                             conditioning_key=conditioning_key(positive))
+                             conditioning_key=conditioning_key(positive), record=kept)
+    if kept.inputs:
+        log.info("inversion kept %.1f MB of source attention inputs for edits to replay", kept.nbytes / 2**20)
     return noisy.to(comfy.model_management.intermediate_device()), handle

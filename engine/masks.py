@@ -135,7 +135,8 @@ class InstantMaskStrategy(LatentReplaceStrategy):
                 return previous(q, k, v, extra_options)
             return capture_cross_attention
 
-        add_attention_replace(m, "attn2", make_patch, lambda key: key[0] in ("input", "output"))
+        add_attention_replace(m, "attn2", make_patch, lambda key: key[0] in ("input", "output"),
+                              effect=lambda branch: None)  # it only reads
         return m
 
     def begin(self, layout, sigmas, trajectory, model_sampling) -> None:

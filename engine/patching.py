@@ -43,11 +43,16 @@ def default_attention(q, k, v, extra_options):
 
 def add_attention_replace(model: comfy.model_patcher.ModelPatcher, attn: str,
                           make_patch: Callable[[AttnFn], AttnFn],
-                          select: Callable[[tuple[str, int, int]], bool] = lambda key: True) -> int:
+                          select: Callable[[tuple[str, int, int]], bool] = lambda key: True,
+                          effect: Callable[[str], object] | None = None) -> int:
     """Register `make_patch(previous)` on every selected block of a (cloned) model; returns the count.
 
     `previous` is the replace another node already set on that block, or the default attention, so
     packs compose: our patch calls it instead of overwriting it.
+    effect(branch) says what the patch does to that branch's rows: None when it leaves them as the
+    host computes them, else a value naming the change (equal values = the same change). Source
+    replay compares these between the inversion's model and the edit's. Without it the patch counts
+    as changing every branch, each in its own way.
     """
     if attn not in ("attn1", "attn2"):
         raise ValueError(attn)
@@ -58,6 +63,60 @@ def add_attention_replace(model: comfy.model_patcher.ModelPatcher, attn: str,
         if not select(key):
             continue
         previous = existing.get(key, existing.get(key[:2], default_attention))
-        setter(make_patch(previous), key[0], key[1], key[2])
+        patch = make_patch(previous)
+        patch.attn_edit_previous = previous
+        patch.attn_edit_effect = effect if effect is not None else (lambda branch, p=patch: ("patch", id(p), branch))
+        setter(patch, key[0], key[1], key[2])
         count += 1
     return count
+
+
+def branch_attention_signature(model: comfy.model_patcher.ModelPatcher, branch: str) -> tuple:
+    """What every attention replace on the model does to `branch`'s rows, block by block.
+
+    Two models with equal signatures for two branches compute those branches' attention alike. The
+    pack's own patches report their effect; any other replace counts by identity (the same function
+    object on both models means the same patch, e.g. one set upstream of both).
+    """
+    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    signature = []
+    for attn in ("attn1", "attn2"):
+        existing = replaces.get(attn, {})
+        for key in transformer_blocks(model):
+            fn = existing.get(key, existing.get(key[:2]))
+            effects = []
+            while fn is not None and fn is not default_attention:
+                if not hasattr(fn, "attn_edit_previous"):
+                    effects.append(("foreign", id(fn)))
+                    break
+                change = fn.attn_edit_effect(branch)
+                if change is not None:
+                    effects.append(change)
+                fn = fn.attn_edit_previous
+            if effects:
+                signature.append((attn, key, tuple(effects)))
+    return tuple(signature)
+
+
+def options_signature(model: comfy.model_patcher.ModelPatcher, ignore: tuple[str, ...] = ()) -> tuple:
+    """Everything else on the model that changes what it computes: wrappers, cfg functions, other
+    patches, weight patches. Objects count by identity; the attn1/attn2 replaces and `ignore` keys
+    (run data such as the branch layout) are left out."""
+
+    def sig(value, path=()):
+        if isinstance(value, dict):
+            items = []
+            for k, v in value.items():
+                if k in ignore or path + (k,) in (("transformer_options", "patches_replace", "attn1"),
+                                                  ("transformer_options", "patches_replace", "attn2")):
+                    continue
+                items.append((str(k), sig(v, path + (k,))))
+            return tuple(sorted(items))
+        if isinstance(value, (list, tuple)):
+            return tuple(sig(v, path) for v in value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return ("object", id(value))
+
+    return (sig(model.model_options), str(getattr(model, "patches_uuid", "")),
+            tuple(sorted((k, len(v)) for k, v in getattr(model, "patches", {}).items())))

@@ -40,7 +40,11 @@ def apply_uniform_attention(model, scope: str = SCOPE_ALL, start: float = 0.0, e
             return out
         return uniform_cross_attention
 
-    count = add_attention_replace(m, "attn2", make_patch, lambda key: block_selected(ranges, key[0], key[1]))
+    def effect(branch):
+        return ("uniform", start, end) if scope == SCOPE_ALL or branch in (INVERSION, AUX) else None
+
+    count = add_attention_replace(m, "attn2", make_patch, lambda key: block_selected(ranges, key[0], key[1]),
+                                  effect=effect)
     if count == 0:
         raise ValueError(f"the block selection '{blocks}' matches no cross-attention block of this model")
     return m

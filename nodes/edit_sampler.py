@@ -1,4 +1,6 @@
 
+import logging
+
 import comfy.sample
 import latent_preview
 import torch
@@ -10,6 +12,8 @@ from ..engine.inversion import check_latent_fits, schedule
 from ..engine.masks import FixedMaskStrategy
 from .common import CATEGORY, Inversion, MaskStrategy, check_conditioning, latent_output
 from .inversion import DEFAULT_SCHEDULER, SCHEDULERS, image_mask
+
+log = logging.getLogger("attention_edit")
 
 
 class EditSampler(io.ComfyNode):
@@ -90,8 +94,11 @@ class EditSampler(io.ComfyNode):
             full = schedule(model, scheduler, steps)
             images = inversion.images
             callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
+            # Pinned: the source, and UAM's auxiliary reconstruction (exact, and so replayable).
             run = sample_branches(model, branches, cfg, inversion.sigmas, full, images, trajectory=inversion.latents,
-                                  pin=SOURCE if pin_source else None, strategy=strategy, callback=callback)
+                                  pin=(SOURCE, AUX) if pin_source else (), strategy=strategy, callback=callback,
+                                  handle=inversion)
+            report_replay(run)
         elif latent is not None:
             samples = latent["samples"]
             check_latent_fits(model, samples)
@@ -107,3 +114,12 @@ class EditSampler(io.ComfyNode):
 
 
 
+
+
+def report_replay(run) -> None:
+    """Say which branches the edit replayed from the inversion and why others were recomputed."""
+    replayed = run.info.get("replayed", ())
+    if replayed:
+        log.info("edit: replayed the %s branch from the inversion instead of running it", " and ".join(replayed))
+    for branch, reason in run.info.get("recomputed", {}).items():
+        log.info("edit: the %s branch was recomputed, not replayed: %s", branch, reason)

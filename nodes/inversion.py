@@ -110,7 +110,7 @@ class InversionReconstruct(io.ComfyNode):
         full = schedule(model, inversion.scheduler, inversion.steps)
         callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
         run = sample_branches(model, [Branch(SOURCE, positive, negative)], cfg, inversion.sigmas, full,
-                              inversion.images, trajectory=inversion.latents, pin=SOURCE if pin_source else None,
+                              inversion.images, trajectory=inversion.latents, pin=(SOURCE,) if pin_source else (),
                               callback=callback)
         return io.NodeOutput(latent_output(run.latents[SOURCE]))
 

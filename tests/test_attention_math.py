@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attention_edit.attention.blocks import block_selected, map_side_ratio, parse_block_spec
-from attention_edit.attention.injection import FPE, MASACTRL, substitute_inputs
+from attention_edit.attention.injection import FPE, MASACTRL, source_inputs, substitute_inputs
 from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout, read_layout
 from attention_edit.attention.schedule import SCHEDULE_KEY, in_step_window, step_position
 from attention_edit.attention.uniform import uniform_attention
@@ -40,7 +40,7 @@ def test_injection_equals_its_formula(mode):
     q, k, v = (torch.randn(4, 16, 8, generator=g) for _ in range(3))
     originals = [t.clone() for t in (q, k, v)]
     src, tgt = [0, 2], [1, 3]
-    q2, k2, v2 = substitute_inputs(q, k, v, mode, src, tgt)
+    q2, k2, v2 = substitute_inputs(q, k, v, mode, tgt, source_inputs(q, k, v, mode, src))
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), originals))  # inputs are not mutated
     out = explicit_attention(q2, k2, v2, heads=2)
     for s, t in zip(src, tgt):

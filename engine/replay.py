@@ -1,0 +1,176 @@
+"""Source replay: an edit reuses what the inversion computed instead of running the source again.
+
+With the source pinned to the inversion trajectory, the source branch at step i is evaluated at the
+stored (latent, sigma). Where its conditioning and its attention are those of the inversion pass,
+it computes exactly what the inversion computed there, so the inversion keeps it: the prediction
+(already in the handle) and the attention inputs the pack's readers take from the source
+(self-attention injection, only at their own layers and steps). The edit then runs the target
+branch alone. The same holds for UAM's auxiliary branch (uniform attention, the inversion's
+prompt, no guidance), which is the uniform-attention inversion's own prediction.
+
+Where the math does not give the same result (another prompt, attention patched differently, other
+model options), the plan says why and the branch is recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import torch
+
+from ..attention.layout import INVERSION, SOURCE
+from .patching import branch_attention_signature, options_signature
+
+RECORDER_KEY = "attn_edit_source_recorder"  # published during inversion
+REPLAY_KEY = "attn_edit_source_replay"  # published during an edit that replays the source
+RUN_KEYS = (RECORDER_KEY, REPLAY_KEY, "attn_edit_layout", "attn_edit_schedule")
+
+
+def block_key(extra_options: dict) -> tuple:
+    block = extra_options.get("block")
+    return (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
+
+
+def chunk_kinds(extra_options: dict, batch: int, rows_per_chunk: int) -> list[int]:
+    """Per chunk of this call: 0 = conditional, 1 = unconditional (ComfyUI's cond_or_uncond)."""
+    kinds = list(extra_options.get("cond_or_uncond", [0]))
+    if len(kinds) * rows_per_chunk != batch:
+        raise RuntimeError(f"attention-edit: a batch of {batch} rows does not split into {len(kinds)} chunks of "
+                           f"{rows_per_chunk}")
+    return kinds
+
+
+@dataclass
+class SourceRecord:
+    """What the inversion kept for replay; part of the handle.
+
+    inputs[(reader, block, step, kind)] = {name: tensor (images, tokens, channels)}, kept on the
+    intermediate device (the CPU unless ComfyUI runs --gpu-only).
+    """
+
+    inputs: dict = field(default_factory=dict)
+    readers: set = field(default_factory=set)
+    attention_signature: tuple = ()
+    options_signature: tuple = ()
+    chunk_keys: dict = field(default_factory=dict)  # inversion chunk kind -> conditioning key
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kept in self.inputs.values() for t in kept.values())
+
+
+class SourceRecorder:
+    """Published in transformer_options during inversion; readers hand it their source inputs."""
+
+    def __init__(self, images: int):
+        self.images = images
+        self.step: int | None = None  # set by the inversion loop; None where no edit evaluates
+        self.record = SourceRecord()
+        self.device = comfy.model_management.intermediate_device()
+
+    def keep(self, reader: str, extra_options: dict, inputs: dict[str, torch.Tensor]) -> None:
+        self.record.readers.add(reader)
+        if self.step is None or not inputs:
+            return
+        batch = next(iter(inputs.values())).shape[0]
+        for c, kind in enumerate(chunk_kinds(extra_options, batch, self.images)):
+            rows = slice(c * self.images, (c + 1) * self.images)
+            key = (reader, block_key(extra_options), self.step, kind)
+            self.record.inputs[key] = {name: t[rows].to(self.device, copy=True) for name, t in inputs.items()}
+
+
+class ReplayStore:
+    """Published in transformer_options during an edit that replays the source branch."""
+
+    def __init__(self, record: SourceRecord, kind_map: dict[int, int], images: int, rows_per_chunk: int):
+        self.record, self.kind_map = record, kind_map
+        self.images, self.rows_per_chunk = images, rows_per_chunk
+        self.step: int | None = None  # set by the branch sampler before each model call
+
+    def source_inputs(self, reader: str, extra_options: dict, batch: int, names, like: torch.Tensor):
+        """The source's inputs for every target row of this call (chunk by chunk, image by image)."""
+        parts = []
+        for kind in chunk_kinds(extra_options, batch, self.rows_per_chunk):
+            key = (reader, block_key(extra_options), self.step, self.kind_map[kind])
+            kept = self.record.inputs.get(key)
+            if kept is None:
+                raise RuntimeError(f"attention-edit: the inversion kept no source attention for {key}; "
+                                   f"this is a bug, please report it")
+            parts.append(kept)
+        return {name: torch.cat([p[name] for p in parts]).to(like.device, like.dtype, non_blocking=True)
+                for name in names}
+
+
+@dataclass
+class ReplayPlan:
+    branches: tuple[str, ...] = ()  # replayed, not run
+    kind_map: dict = field(default_factory=dict)  # edit chunk kind -> inversion chunk kind (source)
+    reasons: dict = field(default_factory=dict)  # branch -> why it is recomputed
+
+
+def readers_of(model) -> set[str]:
+    """Ids of the pack's patches on the model that read the source branch's attention inputs."""
+    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {})
+    found = set()
+    for table in replaces.values():
+        for fn in table.values():
+            while fn is not None:
+                if getattr(fn, "attn_edit_reader", None):
+                    found.add(fn.attn_edit_reader)
+                fn = getattr(fn, "attn_edit_previous", None)
+    return found
+
+
+def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float, pinned: set[str]) -> ReplayPlan:
+    """Which branches an edit may replay from `handle` instead of running them.
+
+    branches: branch name -> (conditioning key of its positive, of its negative), for the branches
+    that could be replayed (source, aux); pinned: the branches pinned to the trajectory. `model` is
+    the model the edit samples with.
+    """
+    plan = ReplayPlan()
+    record = getattr(handle, "record", None)
+    branches = dict(branches)
+    for name in [b for b in branches if b not in pinned]:
+        plan.reasons[name] = f"the {name} branch is not pinned to the inversion trajectory"
+        del branches[name]
+    if record is None or not torch.isfinite(handle.eps[0]).all():
+        plan.reasons.update({b: "the inversion kept nothing for replay" for b in branches})
+        return plan
+    if options_signature(model, RUN_KEYS) != record.options_signature:
+        plan.reasons.update({b: "the model options (wrappers, cfg functions, patches) differ from the inversion's"
+                             for b in branches})
+        return plan
+    inversion_cfg1 = abs(handle.cfg - 1.0) < 1e-9
+    for name, (positive, negative) in branches.items():
+        if branch_attention_signature(model, name) != record.attention_signature:
+            plan.reasons[name] = f"the {name} branch's attention is patched differently from the inversion's"
+            continue
+        # The chunks this branch evaluates: conditional always; unconditional unless cfg is 1.
+        wanted = {0: positive} if abs(cfg - 1.0) < 1e-9 else {0: positive, 1: negative}
+        if inversion_cfg1:
+            ok = all(key == record.chunk_keys.get(0) for key in wanted.values())
+            kind_map = {0: 0, 1: 0}
+        else:  # the inversion's prediction is guided: only the same guidance on the same prompts matches
+            # (UAM's aux branch is unguided, so it never matches a guided inversion).
+            ok = (name == SOURCE and abs(cfg - handle.cfg) < 1e-9 and wanted.get(0) == record.chunk_keys.get(0)
+                  and wanted.get(1) == record.chunk_keys.get(1))
+            kind_map = {0: 0, 1: 1}
+        if not ok:
+            plan.reasons[name] = (f"the {name} branch's prompts or cfg differ from the inversion's (exact replay "
+                                  f"needs the inversion's prompt, and at cfg above 1 the same negative)")
+            continue
+        if name == SOURCE:
+            missing = readers_of(model) - record.readers
+            if missing:
+                plan.reasons[name] = ("the inversion was made without this model's self-attention injection: "
+                                      "invert with the same patched MODEL to replay the source")
+                continue
+            plan.kind_map = kind_map
+        plan.branches += (name,)
+    return plan
+
+
+def inversion_signatures(model) -> tuple[tuple, tuple]:
+    return branch_attention_signature(model, INVERSION), options_signature(model, RUN_KEYS)
