@@ -25,7 +25,8 @@ class InversionHandle:
     """Index i of `latents` is the latent at `sigmas[i]` (descending; the last is 0, the input image).
 
     `eps[i]` is the noise the model predicted at (latents[i], sigmas[i]) (at the model's smallest sigma
-    for the clean latent). Latents are in the model's sampling space (after process_latent_in).
+    for the clean latent); eps[0] is only evaluated for a model patched for editing, else NaN.
+    Latents are in the model's sampling space (after process_latent_in).
     `record` is what the inversion kept for edits to replay their source branch (engine.replay).
     """
 

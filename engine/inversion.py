@@ -19,7 +19,7 @@ from ..attention.schedule import SCHEDULE_KEY
 from .conditioning import conditioning_key
 from .handle import InversionHandle, model_fingerprint
 from .patching import unet_of
-from .replay import RECORDER_KEY, SourceRecorder, inversion_signatures
+from .replay import RECORDER_KEY, SourceRecorder, inversion_signatures, readers_of
 
 log = logging.getLogger("attention_edit")
 
@@ -81,6 +81,10 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     m = with_run_options(model, BranchLayout((INVERSION,), images), full, **{RECORDER_KEY: recorder})
     sigma_floor = float(model.get_model_object("model_sampling").sigma_min)
     offset = len(full) - len(sigmas)  # full-schedule index of sigmas[0]
+    attention_signature, options = inversion_signatures(model)
+    # A model carrying attention patches (injection, uniform attention) is being set up for edits: keep
+    # what they replay. A plain model's inversion costs exactly the stock sampler's model calls.
+    prepared_for_editing = bool(readers_of(model) or attention_signature)
     record = {}
 
     def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -101,10 +105,13 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
             latents[j - 1] = x
             if callback is not None:
                 callback({"x": x, "i": step, "sigma": sigmas[j - 1], "sigma_hat": sigmas[j - 1], "denoised": denoised})
-        # One more call at the noisiest latent, where every edit starts: with it the handle holds every
-        # prediction an edit's pinned source makes, so edits can replay the source from step 0.
-        recorder.step = offset
-        eps_at[0] = (x - model_k(x, float(sigmas[0]) * s_in, **(extra_args or {}))) / float(sigmas[0])
+        if prepared_for_editing:
+            # One more call at the noisiest latent, where every edit starts: with it the handle holds every
+            # prediction a pinned source makes, so edits replay their source from step 0.
+            recorder.step = offset
+            eps_at[0] = (x - model_k(x, float(sigmas[0]) * s_in, **(extra_args or {}))) / float(sigmas[0])
+        else:
+            eps_at[0] = torch.full_like(x, float("nan"))
         device = comfy.model_management.intermediate_device()
         record["latents"] = torch.stack(latents).to(device)
         record["eps"] = torch.stack(eps_at).to(device)
@@ -117,7 +124,7 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     noisy = guider.sample(zeros, samples, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, callback=callback,
                           disable_pbar=True, seed=0)
     kept = recorder.record
-    kept.attention_signature, kept.options_signature = inversion_signatures(model)
+    kept.attention_signature, kept.options_signature = attention_signature, options
     kept.chunk_keys = {0: conditioning_key(positive)}
     if abs(cfg - 1.0) > 1e-9:
         kept.chunk_keys[1] = conditioning_key(negative if negative is not None else positive)

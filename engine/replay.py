@@ -136,7 +136,8 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
         plan.reasons[name] = f"the {name} branch is not pinned to the inversion trajectory"
         del branches[name]
     if record is None or not torch.isfinite(handle.eps[0]).all():
-        plan.reasons.update({b: "the inversion kept nothing for replay" for b in branches})
+        plan.reasons.update({b: "the inversion was made with an unpatched model, which keeps nothing for replay: "
+                                "invert with the patched MODEL you edit with" for b in branches})
         return plan
     if options_signature(model, RUN_KEYS) != record.options_signature:
         plan.reasons.update({b: "the model options (wrappers, cfg functions, patches) differ from the inversion's"

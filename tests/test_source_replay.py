@@ -153,3 +153,18 @@ def test_edit_sampler_node_says_what_it_replayed(caplog):
     reference = run(model, handle, empty, tgt, empty, replay=False).latents[TARGET]
     assert (out[0]["samples"] - reference).abs().max() <= EXACT  # a batch of two images
     assert (out[1]["samples"] - images).abs().max() <= EXACT  # the replayed source is the exact reconstruction
+
+
+def test_only_a_model_patched_for_editing_pays_the_extra_call_at_the_noisiest_latent():
+    name = "sd15"
+    base, lat, empty = tiny.build(name), tiny.latent(), tiny.conditioning(name, 1)
+    plain, sizes = counting(base)
+    _, handle = invert(plain, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
+    assert len(sizes) == STEPS and torch.isnan(handle.eps[0]).all()  # exactly the stock sampler's calls
+    for patched in (inject(plain, "masactrl"), uniform(plain, scope="inversion_and_aux")):
+        sizes.clear()
+        _, handle = invert(patched, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
+        assert len(sizes) == STEPS + 1 and torch.isfinite(handle.eps).all()
+    _, handle = invert(plain, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
+    out = run(inject(plain, "fpe"), handle, empty, tiny.conditioning(name, 3), empty)
+    assert out.info["replayed"] == () and "unpatched model" in out.info["recomputed"][SOURCE]
