@@ -19,7 +19,8 @@ that reads attributes back (`toyworld.classifier`).
   mask), and a structure score (IoU of the classifier's foreground masks of the edit and of the
   ground-truth target rendering). Methods, wired as their example workflows wire them (see
   `edit_methods`): ``ddim`` (the target prompt from the caption inversion, no attention control),
-  ``fpe`` (Free-Prompt-Editing, empty-prompt inversion), ``masactrl`` (caption inversion), ``uam``
+  ``fpe`` (Free-Prompt-Editing, empty-prompt inversion and source prompt: the source is replayed),
+  ``masactrl`` (caption inversion), ``uam``
   (uniform-attention inversion + MasaCtrl + adaptive mask, empty source prompt: workflow 1),
   ``uam_unchanged`` (the same with the paper's dilation of the unchanged region), ``instdiffedit``
   (instant mask on the edited words, empty-prompt inversion at strength 0.5).
@@ -192,7 +193,7 @@ def edit_methods(world: World) -> dict[str, dict[str, Any]]:
     plain = {"invert": "caption", "strength": 1.0, "source": "caption"}
     return {
         "ddim": {"model": world.model, **plain},
-        "fpe": {"model": fpe, **plain, "invert": "empty"},
+        "fpe": {"model": fpe, **plain, "invert": "empty", "source": "empty"},  # replayed source
         "masactrl": {"model": masactrl, **plain},
         "uam": {"model": uam, "invert": "empty", "strength": 1.0, "source": "empty", "mask": "adaptive"},
         "uam_unchanged": {"model": uam, "invert": "empty", "strength": 1.0, "source": "empty",

@@ -21,7 +21,7 @@ README = REPO / "README.md"
 
 EDIT_METHODS = {
     "ddim": "DDIM inversion + target prompt (no attention control)",
-    "fpe": "Free-Prompt-Editing (empty-prompt inversion, r = 0.8)",
+    "fpe": "Free-Prompt-Editing (empty-prompt inversion and source, r = 0.8)",
     "masactrl": "MasaCtrl (caption inversion)",
     "uam": "UAM: uniform-attention inversion + MasaCtrl + adaptive mask",
     "uam_unchanged": "UAM, the paper's dilation (unchanged region)",

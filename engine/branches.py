@@ -47,7 +47,7 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     which makes their reconstruction exact and gives the others an exact source to read attention from.
     noise: for generated images instead: the same noise starts every branch.
     handle: the inversion, to replay the pinned branches it already computed (engine.replay) instead
-    of running them; the plan is in the run's info.
+    of running them, and to skip a pinned source nothing reads; the plan is in the run's info.
     """
     names = tuple(b.name for b in branches)
     layout = BranchLayout(names, images)  # every branch: what strategies and callbacks see
@@ -55,8 +55,9 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     if handle is not None:
         candidates = {b.name: (conditioning_key(b.positive), conditioning_key(b.negative))
                       for b in branches if b.name in REPLAYABLE}
-        plan = plan_replay(model, handle, candidates, cfg, pinned=set(pin))
-    live = [b for b in branches if b.name not in plan.branches]
+        plan = plan_replay(model, handle, candidates, cfg, pinned=set(pin),
+                           source_prediction_read=getattr(strategy, "reads_source_prediction", False))
+    live = [b for b in branches if b.name not in plan.skipped]
     live_layout = BranchLayout(tuple(b.name for b in live), images)  # the rows the model runs
     run_objects = {}
     store = None
@@ -92,6 +93,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
             denoised[live_rows] = model_k(x[live_rows], sigma * s_in, **(extra_args or {}))
             for name in plan.branches:  # a pinned branch's prediction is the inversion's own
                 denoised[rows[name]] = (trajectory[i] - sigma * handle.eps[i]).to(x)
+            for name in plan.unused:  # read by nothing and pinned again next step: stand still
+                denoised[rows[name]] = x[rows[name]]
             if strategy is not None:
                 denoised = strategy.blend_denoised(i, x, denoised)
             x = x + (sigma_next - sigma) * (x - denoised) / sigma
@@ -119,7 +122,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     out = model.model.process_latent_out(x).to(comfy.model_management.intermediate_device())
     latents = {name: out[rows[name]] for name in names}
     mask = strategy.final_mask() if strategy is not None else None
-    return BranchRun(latents=latents, mask=mask, info={"replayed": plan.branches, "recomputed": plan.reasons})
+    return BranchRun(latents=latents, mask=mask,
+                     info={"replayed": plan.branches, "unused": plan.unused, "recomputed": plan.reasons})
 
 
 __all__ = ["Branch", "BranchRun", "sample_branches", "SOURCE", "TARGET"]

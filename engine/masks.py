@@ -20,6 +20,7 @@ class AdaptiveMaskStrategy:
     """UAM's adaptive mask: target x0 = M * x0_tgt + (1 - M) * x0_aux while t < T_mask."""
 
     needs_aux = True
+    reads_source_prediction = True  # the mask is the difference of the target's and the source's x0
 
     def __init__(self, lam: float = 0.5, t_mask: float = 200.0, dilation: str = DILATE_EDIT,
                  blend_source: bool = False):
@@ -64,6 +65,7 @@ class LatentReplaceStrategy:
     """
 
     needs_aux = False
+    reads_source_prediction = False  # with an inversion the background is the trajectory
 
     def prepare(self, model):
         return model

@@ -110,7 +110,9 @@ def options_signature(model: comfy.model_patcher.ModelPatcher, ignore: tuple[str
                 if k in ignore or path + (k,) in (("transformer_options", "patches_replace", "attn1"),
                                                   ("transformer_options", "patches_replace", "attn2")):
                     continue
-                items.append((str(k), sig(v, path + (k,))))
+                inner = sig(v, path + (k,))
+                if not (isinstance(v, dict) and inner == ()):  # an emptied table is no table
+                    items.append((str(k), inner))
             return tuple(sorted(items))
         if isinstance(value, (list, tuple)):
             return tuple(sig(v, path) for v in value)

@@ -105,8 +105,13 @@ class ReplayStore:
 @dataclass
 class ReplayPlan:
     branches: tuple[str, ...] = ()  # replayed, not run
+    unused: tuple[str, ...] = ()  # pinned and read by nothing: not run, nothing to replay
     kind_map: dict = field(default_factory=dict)  # edit chunk kind -> inversion chunk kind (source)
     reasons: dict = field(default_factory=dict)  # branch -> why it is recomputed
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        return self.branches + self.unused
 
 
 def readers_of(model) -> set[str]:
@@ -122,12 +127,13 @@ def readers_of(model) -> set[str]:
     return found
 
 
-def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float, pinned: set[str]) -> ReplayPlan:
+def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float, pinned: set[str],
+                source_prediction_read: bool = False) -> ReplayPlan:
     """Which branches an edit may replay from `handle` instead of running them.
 
     branches: branch name -> (conditioning key of its positive, of its negative), for the branches
     that could be replayed (source, aux); pinned: the branches pinned to the trajectory. `model` is
-    the model the edit samples with.
+    the model the edit samples with; source_prediction_read: a mask strategy reads the source's x0.
     """
     plan = ReplayPlan()
     record = getattr(handle, "record", None)
@@ -135,6 +141,10 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
     for name in [b for b in branches if b not in pinned]:
         plan.reasons[name] = f"the {name} branch is not pinned to the inversion trajectory"
         del branches[name]
+    if SOURCE in branches and not readers_of(model) and not source_prediction_read:
+        # A pinned source nothing reads from: its result would be thrown away, whatever its prompt.
+        plan.unused += (SOURCE,)
+        del branches[SOURCE]
     if record is None or not torch.isfinite(handle.eps[0]).all():
         plan.reasons.update({b: "the inversion was made with an unpatched model, which keeps nothing for replay: "
                                 "invert with the patched MODEL you edit with" for b in branches})

@@ -27,7 +27,10 @@ class EditSampler(io.ComfyNode):
                         "together, one batched model call per step, with DDIM. The attention patches on the model "
                         "(self-attention injection, uniform attention) read the branch layout this node publishes. "
                         "Real image: connect an inversion; the source is pinned to its trajectory, so it is "
-                        "reconstructed exactly. Generated image: connect a latent (EmptyLatentImage) and a seed; "
+                        "reconstructed exactly; when the inversion was made with this patched model and the "
+                        "source prompt is the inversion's, the source is replayed from what the inversion kept "
+                        "instead of run (same result, the cost of one generation; the log says which). "
+                        "Generated image: connect a latent (EmptyLatentImage) and a seed; "
                         "both branches start from the same noise.",
             inputs=[
                 io.Model.Input("model", tooltip="The model, patched with AttnEdit_SelfAttentionInjection and/or "
@@ -121,5 +124,7 @@ def report_replay(run) -> None:
     replayed = run.info.get("replayed", ())
     if replayed:
         log.info("edit: replayed the %s branch from the inversion instead of running it", " and ".join(replayed))
+    if run.info.get("unused"):
+        log.info("edit: the pinned source branch is read by nothing (no injection, no adaptive mask): not run")
     for branch, reason in run.info.get("recomputed", {}).items():
         log.info("edit: the %s branch was recomputed, not replayed: %s", branch, reason)

@@ -25,7 +25,10 @@ class DDIMInversion(io.ComfyNode):
                         "Put AttnEdit_UniformAttention in front of the model for UAM inversion. The LATENT output "
                         "also works in a stock KSamplerAdvanced (add_noise disabled, same steps and scheduler, cfg 1).",
             inputs=[
-                io.Model.Input("model", tooltip="The model to invert with; its patches apply (e.g. uniform attention)."),
+                io.Model.Input("model", tooltip="The model to invert with; its patches apply (e.g. uniform attention). "
+                                                "Connect the model you edit with (after Self-Attention Injection): "
+                                                "the inversion then keeps what the edit's source branch reads, and "
+                                                "the Edit Sampler replays it instead of running the source."),
                 io.Latent.Input("latent", tooltip="The image latent(s) from VAEEncode; a batch is inverted as a batch."),
                 io.Conditioning.Input("positive", tooltip="The prompt to invert with. The papers (FPE, UAM) invert "
                                                           "with the empty prompt: CLIPTextEncode with no text."),

@@ -55,12 +55,14 @@ def real_edit_uam(checkpoint=SD15, prefix="uam"):
 
 
 def real_edit_fpe():
-    """Free-Prompt-Editing on a real image: empty-prompt DDIM inversion, source pinned, r = 0.8."""
+    """Free-Prompt-Editing on a real image: empty-prompt DDIM inversion, source pinned, r = 0.8. The injected
+    model inverts and the source prompt is the inversion's, so the edit replays the source branch."""
     g = real_image_inputs()
+    del g[5]  # the source is the empty prompt
     g.update({
-        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50}),
         9: ("AttnEdit_SelfAttentionInjection", {"model": (1, 0), "mode": "fpe", "fpe_ratio": 0.8}),
-        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (5, 0), "target": (6, 0), "negative": (4, 0),
+        8: ("AttnEdit_DDIMInversion", {"model": (9, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50}),
+        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (4, 0), "target": (6, 0), "negative": (4, 0),
                                       "inversion": (8, 1), "steps": 50, "cfg": 7.5}),
     })
     g.update(decode_and_save(11, (10, 0), "attention-edit/fpe_edited"))

@@ -168,3 +168,35 @@ def test_only_a_model_patched_for_editing_pays_the_extra_call_at_the_noisiest_la
     _, handle = invert(plain, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
     out = run(inject(plain, "fpe"), handle, empty, tiny.conditioning(name, 3), empty)
     assert out.info["replayed"] == () and "unpatched model" in out.info["recomputed"][SOURCE]
+
+
+def test_a_pinned_source_nothing_reads_is_not_run_whatever_its_prompt():
+    from attention_edit.engine.masks import InstantMaskStrategy
+
+    name = "sd15"
+    base, lat = tiny.build(name), tiny.latent()
+    empty, src, tgt = (tiny.conditioning(name, s) for s in (1, 2, 3))
+    model, sizes = counting(base)
+    _, handle = invert(model, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)  # unpatched: nothing kept
+    for make_strategy in (lambda: None, lambda: InstantMaskStrategy([[1], [2], [3]], [1])):
+        sizes.clear()
+        skipped = run(model, handle, src, tgt, empty, strategy=make_strategy())
+        skip_sizes, sizes[:] = sizes[:], []
+        full = run(model, handle, src, tgt, empty, replay=False, strategy=make_strategy())
+        assert skipped.info["unused"] == (SOURCE,) and set(skip_sizes) == {2} and set(sizes) == {4}
+        tiny.assert_same_computation(skipped.latents[TARGET], full.latents[TARGET])
+        assert torch.equal(skipped.latents[SOURCE], full.latents[SOURCE])
+        if skipped.mask is not None:
+            tiny.assert_same_computation(skipped.mask, full.mask)
+    # The adaptive mask reads the source's prediction: the source runs.
+    out = run(model, handle, src, tgt, empty, strategy=AdaptiveMaskStrategy())
+    assert out.info["unused"] == () and SOURCE in out.info["recomputed"]
+
+
+def test_a_model_without_the_inversions_patches_shares_its_options():
+    """Signatures ignore the attention tables (compared branch by branch) and empty leftovers."""
+    from attention_edit.engine.patching import options_signature
+
+    base = tiny.build("sd15")
+    assert options_signature(base) == options_signature(inject(base, "fpe")) == options_signature(uniform(base))
+    assert options_signature(counting(base)[0]) != options_signature(base)
