@@ -65,8 +65,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
         store = ReplayStore(handle.record, plan.kind_map, images, live_layout.rows_per_chunk)
         run_objects[REPLAY_KEY] = store
     m = with_run_options(model, live_layout, full_schedule, **run_objects)
-    positive = stack_conditionings([b.positive for b in live], images)
-    negative = stack_conditionings([b.negative for b in live], images)
+    positive = stack_conditionings([b.positive for b in live], images) if live else None
+    negative = stack_conditionings([b.negative for b in live], images) if live else None
     rows = {name: layout.rows(name, layout.rows_per_chunk) for name in names}
     live_rows = [r for b in live for r in rows[b.name]]
     pin_rows = [r for name in pin if name in names for r in rows[name]]
@@ -108,15 +108,18 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
         return x[live_rows]
 
     final = [None]
-    if noise is None:
+    if not live:  # every branch pinned and replayed or unused (a pinned reconstruction): nothing to run
+        final[0] = trajectory[-1].to(comfy.model_management.intermediate_device()).repeat(len(names), 1, 1, 1)
+    elif noise is None:
         noise = torch.zeros((images * len(live),) + tuple(trajectory.shape[2:]), dtype=trajectory.dtype)
     else:
         noise = noise.repeat(len(live), 1, 1, 1)
-    guider = comfy.samplers.CFGGuider(m)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(branch_sampler), sigmas,
-                  callback=callback, disable_pbar=True, seed=0)
+    if live:
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(branch_sampler), sigmas,
+                      callback=callback, disable_pbar=True, seed=0)
     # Every branch's final latent, replayed ones included, out of the model's sampling space.
     x = model.get_model_object("model_sampling").inverse_noise_scaling(sigmas[-1], final[0])
     out = model.model.process_latent_out(x).to(comfy.model_management.intermediate_device())

@@ -114,7 +114,7 @@ class InversionReconstruct(io.ComfyNode):
         callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
         run = sample_branches(model, [Branch(SOURCE, positive, negative)], cfg, inversion.sigmas, full,
                               inversion.images, trajectory=inversion.latents, pin=(SOURCE,) if pin_source else (),
-                              callback=callback)
+                              callback=callback, handle=inversion)  # pinned: the trajectory, nothing to run
         return io.NodeOutput(latent_output(run.latents[SOURCE]))
 
 

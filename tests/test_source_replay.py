@@ -200,3 +200,19 @@ def test_a_model_without_the_inversions_patches_shares_its_options():
     base = tiny.build("sd15")
     assert options_signature(base) == options_signature(inject(base, "fpe")) == options_signature(uniform(base))
     assert options_signature(counting(base)[0]) != options_signature(base)
+
+
+def test_a_pinned_reconstruction_runs_no_model_call():
+    from attention_edit.nodes.inversion import InversionReconstruct
+
+    name = "sd15"
+    model, sizes = counting(tiny.build(name))
+    lat, empty = tiny.latent(), tiny.conditioning(name, 1)
+    _, handle = invert(model, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
+    sizes.clear()
+    out = InversionReconstruct.execute(model=model, inversion=handle, positive=empty, negative=empty, cfg=1.0,
+                                       pin_source=True).args[0]["samples"]
+    assert sizes == [] and (out - lat).abs().max() <= EXACT
+    unpinned = InversionReconstruct.execute(model=model, inversion=handle, positive=empty, negative=empty, cfg=1.0,
+                                            pin_source=False).args[0]["samples"]
+    assert len(sizes) == STEPS and (unpinned - lat).abs().max() > 0
