@@ -8,7 +8,7 @@ from __future__ import annotations
 MODEL = "SD1.5 architecture (seeded random weights)"
 
 
-def run(rec, device: str, steps: int = 4, latent_side: int = 28, edit_latent_side: int = 20,
+def run(rec, device: str, steps: int = 4, latent_side: int = 24, edit_latent_side: int = 16,
         repeats: int = 5, family: str = "sd15_full") -> None:
     import nodes as comfy_nodes
 
