@@ -154,12 +154,13 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
                              for b in branches})
         return plan
     inversion_cfg1 = abs(handle.cfg - 1.0) < 1e-9
+    # The chunks each branch evaluates: conditional always; unconditional unless the host skips it at cfg 1.
+    cond_only = abs(cfg - 1.0) < 1e-9 and not model.model_options.get("disable_cfg1_optimization", False)
     for name, (positive, negative) in branches.items():
         if branch_attention_signature(model, name) != record.attention_signature:
             plan.reasons[name] = f"the {name} branch's attention is patched differently from the inversion's"
             continue
-        # The chunks this branch evaluates: conditional always; unconditional unless cfg is 1.
-        wanted = {0: positive} if abs(cfg - 1.0) < 1e-9 else {0: positive, 1: negative}
+        wanted = {0: positive} if cond_only else {0: positive, 1: negative}
         if inversion_cfg1:
             ok = all(key == record.chunk_keys.get(0) for key in wanted.values())
             kind_map = {0: 0, 1: 0}

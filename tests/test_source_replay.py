@@ -216,3 +216,20 @@ def test_a_pinned_reconstruction_runs_no_model_call():
     unpinned = InversionReconstruct.execute(model=model, inversion=handle, positive=empty, negative=empty, cfg=1.0,
                                             pin_source=False).args[0]["samples"]
     assert len(sizes) == STEPS and (unpinned - lat).abs().max() > 0
+
+
+def test_at_cfg_1_only_the_conditional_prompt_has_to_match():
+    name = "sd15"
+    base, lat = tiny.build(name), tiny.latent()
+    empty, src, tgt = (tiny.conditioning(name, s) for s in (1, 2, 3))
+    model = inject(base, "fpe")
+    _, handle = invert(model, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
+    replayed = run(model, handle, empty, tgt, src, cfg=1.0)  # the negative is never evaluated at cfg 1
+    recomputed = run(model, handle, empty, tgt, src, cfg=1.0, replay=False)
+    assert replayed.info["replayed"] == (SOURCE,)
+    assert (replayed.latents[TARGET] - recomputed.latents[TARGET]).abs().max() <= EXACT
+    # Unless the host is told to evaluate it anyway.
+    forced = model.clone()
+    forced.model_options["disable_cfg1_optimization"] = True
+    _, forced_handle = invert(forced, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
+    assert run(forced, forced_handle, empty, tgt, src, cfg=1.0).info["replayed"] == ()
