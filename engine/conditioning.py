@@ -42,11 +42,20 @@ def stack_conditionings(conds: list, images: int) -> list:
 
 
 def conditioning_key(cond: list) -> str:
-    """A cheap fingerprint of a conditioning, to tell whether two prompts are the same."""
+    """A cheap fingerprint of a conditioning, to tell whether two prompts are the same.
+
+    Tensors count by their sums, anything else attached (a ControlNet, an area) by value or identity,
+    so that a prompt with extras never passes for the same prompt without them.
+    """
     parts = []
     for t, opts in cond:
         parts.append(f"{tuple(t.shape)}:{float(t.double().sum()):.6e}:{float(t.double().abs().sum()):.6e}")
-        p = opts.get("pooled_output")
-        if p is not None:
-            parts.append(f"{float(p.double().sum()):.6e}")
+        for name in sorted(opts):
+            value = opts[name]
+            if isinstance(value, torch.Tensor):
+                parts.append(f"{name}={float(value.double().sum()):.6e}")
+            elif value is None or isinstance(value, (bool, int, float, str, tuple)):
+                parts.append(f"{name}={value!r}")
+            else:
+                parts.append(f"{name}=<{type(value).__name__} {id(value)}>")
     return "|".join(parts)

@@ -233,3 +233,12 @@ def test_at_cfg_1_only_the_conditional_prompt_has_to_match():
     forced.model_options["disable_cfg1_optimization"] = True
     _, forced_handle = invert(forced, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
     assert run(forced, forced_handle, empty, tgt, src, cfg=1.0).info["replayed"] == ()
+
+
+def test_a_prompt_with_extras_attached_is_not_the_inversions_prompt():
+    from attention_edit.engine.conditioning import conditioning_key
+
+    empty = tiny.conditioning("sd15", 1)
+    with_control = [[empty[0][0], {**empty[0][1], "control": object()}]]
+    assert conditioning_key(empty) == conditioning_key([[empty[0][0].clone(), dict(empty[0][1])]])
+    assert conditioning_key(with_control) != conditioning_key(empty)
