@@ -31,8 +31,8 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 24, edit_latent_sid
         return comfy_nodes.common_ksampler(m, 0, steps, cfg, "euler", "ddim_uniform", cond, empty,
                                            {"samples": samples}, disable_noise=True)[0]["samples"]
 
-    def invert(m, cfg=1.0):
-        return DDIMInversion.execute(model=m, latent={"samples": latent}, positive=empty, negative=empty, cfg=cfg,
+    def invert(m, samples=latent):
+        return DDIMInversion.execute(model=m, latent={"samples": samples}, positive=empty, negative=empty, cfg=1.0,
                                      steps=steps, scheduler="ddim_uniform", strength=1.0).args
 
     # Inversion against a stock KSampler run of the same steps at cfg 1; and the inversion of a model
@@ -68,12 +68,7 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 24, edit_latent_sid
     small = tiny.latent(size=side)
     uam = UniformAttention.execute(model=fpe, scope="inversion_and_aux", start_percent=0.0, end_percent=1.0,
                                    blocks="all").args[0]
-
-    def invert_small(m):
-        return DDIMInversion.execute(model=m, latent={"samples": small}, positive=empty, negative=empty, cfg=1.0,
-                                     steps=steps, scheduler="ddim_uniform", strength=1.0).args[1]
-
-    fpe_handle, uam_handle = invert_small(fpe), invert_small(uam)
+    fpe_handle, uam_handle = invert(fpe, small)[1], invert(uam, small)[1]
     groups = [[[1]], [[2]], [[3]]]
 
     def edit(m, handle, strategy=None, source_prompt=empty):

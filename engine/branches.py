@@ -62,7 +62,7 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     run_objects = {}
     store = None
     if SOURCE in plan.branches:
-        store = ReplayStore(handle.record, plan.kind_map, images, live_layout.rows_per_chunk)
+        store = ReplayStore(handle.record, plan.kind_map, live_layout.rows_per_chunk)
         run_objects[REPLAY_KEY] = store
     m = with_run_options(model, live_layout, full_schedule, **run_objects)
     positive = stack_conditionings([b.positive for b in live], images) if live else None
@@ -91,8 +91,10 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
                 store.step = offset + i
             denoised = torch.empty_like(x)
             denoised[live_rows] = model_k(x[live_rows], sigma * s_in, **(extra_args or {}))
-            for name in plan.branches:  # a pinned branch's prediction is the inversion's own
-                denoised[rows[name]] = (trajectory[i] - sigma * handle.eps[i]).to(x)
+            if plan.branches:  # a pinned branch's prediction is the inversion's own
+                inverted = (trajectory[i] - sigma * handle.eps[i]).to(x)
+                for name in plan.branches:
+                    denoised[rows[name]] = inverted
             for name in plan.unused:  # read by nothing and pinned again next step: stand still
                 denoised[rows[name]] = x[rows[name]]
             if strategy is not None:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 
-from ..attention.layout import INVERSION, SOURCE
+from ..attention.layout import INVERSION, LAYOUT_KEY, SOURCE
+from ..attention.schedule import SCHEDULE_KEY
 from .patching import branch_attention_signature, options_signature
 
 RECORDER_KEY = "attn_edit_source_recorder"  # published during inversion
 REPLAY_KEY = "attn_edit_source_replay"  # published during an edit that replays the source
-RUN_KEYS = (RECORDER_KEY, REPLAY_KEY, "attn_edit_layout", "attn_edit_schedule")
+RUN_KEYS = (RECORDER_KEY, REPLAY_KEY, LAYOUT_KEY, SCHEDULE_KEY)  # per-run data, not part of the model
 
 
 def block_key(extra_options: dict) -> tuple:
@@ -83,9 +84,8 @@ class SourceRecorder:
 class ReplayStore:
     """Published in transformer_options during an edit that replays the source branch."""
 
-    def __init__(self, record: SourceRecord, kind_map: dict[int, int], images: int, rows_per_chunk: int):
-        self.record, self.kind_map = record, kind_map
-        self.images, self.rows_per_chunk = images, rows_per_chunk
+    def __init__(self, record: SourceRecord, kind_map: dict[int, int], rows_per_chunk: int):
+        self.record, self.kind_map, self.rows_per_chunk = record, kind_map, rows_per_chunk
         self.step: int | None = None  # set by the branch sampler before each model call
 
     def source_inputs(self, reader: str, extra_options: dict, batch: int, names, like: torch.Tensor):
@@ -138,10 +138,11 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
     plan = ReplayPlan()
     record = getattr(handle, "record", None)
     branches = dict(branches)
+    readers = readers_of(model)
     for name in [b for b in branches if b not in pinned]:
         plan.reasons[name] = f"the {name} branch is not pinned to the inversion trajectory"
         del branches[name]
-    if SOURCE in branches and not readers_of(model) and not source_prediction_read:
+    if SOURCE in branches and not readers and not source_prediction_read:
         # A pinned source nothing reads from: its result would be thrown away, whatever its prompt.
         plan.unused += (SOURCE,)
         del branches[SOURCE]
@@ -174,7 +175,7 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
                                   f"needs the inversion's prompt, and at cfg above 1 the same negative)")
             continue
         if name == SOURCE:
-            missing = readers_of(model) - record.readers
+            missing = readers - record.readers
             if missing:
                 plan.reasons[name] = ("the inversion was made without this model's self-attention injection: "
                                       "invert with the same patched MODEL to replay the source")
