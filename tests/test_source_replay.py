@@ -29,6 +29,15 @@ def run(model, handle, source, target, negative, cfg=7.5, replay=True, strategy=
                            pin=(SOURCE, AUX), strategy=strategy, handle=handle if replay else None)
 
 
+def replayed_and_recomputed(model, handle, source, target, negative, make_strategy=lambda: None, **options):
+    """The edit with replay and without it; the target branches must agree within EXACT."""
+    replayed = run(model, handle, source, target, negative, strategy=make_strategy(), **options)
+    recomputed = run(model, handle, source, target, negative, replay=False, strategy=make_strategy(), **options)
+    diff = (replayed.latents[TARGET] - recomputed.latents[TARGET]).abs().max()
+    assert diff <= EXACT, f"replay differs from the recomputed edit by {diff}"
+    return replayed, recomputed
+
+
 def counting(model):
     """A clone whose model calls record their batch sizes (a wrapper both inversion and edit inherit)."""
     m = model.clone()
@@ -96,11 +105,10 @@ def test_uam_replays_its_auxiliary_branch_and_recomputes_the_source():
     inversion_model = uniform(base, scope="inversion_and_aux")
     _, handle = invert(inversion_model, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
     edit_model = inject(inversion_model, "masactrl", start_step=1)
-    replayed = run(edit_model, handle, empty, tgt, empty, strategy=AdaptiveMaskStrategy(t_mask=1000.0))
-    recomputed = run(edit_model, handle, empty, tgt, empty, replay=False, strategy=AdaptiveMaskStrategy(t_mask=1000.0))
+    replayed, recomputed = replayed_and_recomputed(edit_model, handle, empty, tgt, empty,
+                                                   make_strategy=lambda: AdaptiveMaskStrategy(t_mask=1000.0))
     assert replayed.info["replayed"] == (AUX,)
     assert "patched differently" in replayed.info["recomputed"][SOURCE]  # uniform on the inversion, not the source
-    assert (replayed.latents[TARGET] - recomputed.latents[TARGET]).abs().max() <= EXACT
     assert (replayed.mask - recomputed.mask).abs().max() <= EXACT
 
 
@@ -111,10 +119,8 @@ def test_guided_inversion_replays_the_same_guided_source():
     model = inject(base, "fpe")
     _, handle = invert(model, lat, src, empty, 7.5, STEPS, "ddim_uniform", 1.0)
     assert {kind for *_, kind in handle.record.inputs} == {0, 1}
-    replayed = run(model, handle, src, tgt, empty, cfg=7.5)
-    recomputed = run(model, handle, src, tgt, empty, cfg=7.5, replay=False)
+    replayed, _ = replayed_and_recomputed(model, handle, src, tgt, empty, cfg=7.5)
     assert replayed.info["replayed"] == (SOURCE,)
-    assert (replayed.latents[TARGET] - recomputed.latents[TARGET]).abs().max() <= EXACT
     # Another guidance scale is another source prediction: recomputed.
     assert run(model, handle, src, tgt, empty, cfg=5.0).info["replayed"] == ()
 
@@ -224,10 +230,9 @@ def test_at_cfg_1_only_the_conditional_prompt_has_to_match():
     empty, src, tgt = (tiny.conditioning(name, s) for s in (1, 2, 3))
     model = inject(base, "fpe")
     _, handle = invert(model, lat, empty, None, 1.0, STEPS, "ddim_uniform", 1.0)
-    replayed = run(model, handle, empty, tgt, src, cfg=1.0)  # the negative is never evaluated at cfg 1
-    recomputed = run(model, handle, empty, tgt, src, cfg=1.0, replay=False)
+    # The negative is never evaluated at cfg 1.
+    replayed, _ = replayed_and_recomputed(model, handle, empty, tgt, src, cfg=1.0)
     assert replayed.info["replayed"] == (SOURCE,)
-    assert (replayed.latents[TARGET] - recomputed.latents[TARGET]).abs().max() <= EXACT
     # Unless the host is told to evaluate it anyway.
     forced = model.clone()
     forced.model_options["disable_cfg1_optimization"] = True

@@ -10,7 +10,7 @@ Never skipped: without chromium this test fails and says to run `make browser`.
 
 from __future__ import annotations
 
-from headless_chromium import ARTIFACTS, launch, require_playwright
+from headless_chromium import ARTIFACTS, close_dialogs, launch, require_playwright
 
 from attention_edit.nodes import NODES
 
@@ -53,15 +53,7 @@ def _close_templates_dialog(page) -> None:
         page.wait_for_selector(".p-dialog", state="visible", timeout=8000)
     except Exception:
         return
-    close = page.locator(".p-dialog button:has(i.pi-times)")
-    if close.count():
-        close.first.click()
-    else:
-        page.keyboard.press("Escape")
-    try:
-        page.wait_for_selector(".p-dialog", state="detached", timeout=5000)
-    except Exception:
-        page.keyboard.press("Escape")
+    close_dialogs(page)
 
 
 def test_frontend_loads_and_knows_every_node(comfy_server, object_info):
