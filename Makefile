@@ -1,5 +1,10 @@
 # attention-edit: the project's entry points. On a fresh machine each target sets itself up.
-PY      := .venv/bin/python
+# HOST=dev (default): ComfyUI 0.33.0 from ../shared/hosts when it is there, else a 0.3.75 tree from
+# PyPI; HOST=0.3.75 (or another version with a tarball there): that release, in its own venv;
+# ATTN_EDIT_HOST=/path/to/ComfyUI: any tree you have (scripts/bootstrap.sh).
+HOST    ?= dev
+VENV    ?= $(if $(filter dev,$(HOST)),.venv,.venv-$(HOST))
+PY      := $(VENV)/bin/python
 PORT    ?= 8188
 DEVICE  ?= cpu
 PYTEST_ARGS ?=
@@ -7,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup browser demo test lint unit serve bench clean
 
 setup:
-	@bash scripts/bootstrap.sh
+	@ATTN_EDIT_VENV=$(VENV) bash scripts/bootstrap.sh $(HOST)
 
 browser: setup
 	@bash scripts/bootstrap.sh --browser

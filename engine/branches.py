@@ -75,7 +75,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     if strategy is not None:
         strategy.begin(layout, sigmas, trajectory, model.get_model_object("model_sampling"))
 
-    def branch_sampler(model_k, x_live, sigmas, extra_args=None, callback=None, disable=None):
+    def branch_sampler(model_k, x_live, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        # (kwargs: sampler options a later host may pass; a fixed DDIM step takes none)
         n = len(sigmas) - 1
         if trajectory is not None:
             x = trajectory[0].to(x_live).repeat(len(names), 1, 1, 1)
@@ -84,6 +85,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
             x[live_rows] = x_live
         s_in = x.new_ones([len(live_rows)])
         for i in range(n):
+            # Cancel takes effect here, every step, whatever the host's progress throttling sends.
+            comfy.model_management.throw_exception_if_processing_interrupted()
             if pin_rows:
                 x[pin_rows] = trajectory[i].to(x)
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])

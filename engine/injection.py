@@ -62,27 +62,27 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
     needs = SOURCE_INPUTS[mode]
 
     def make_patch(previous):
-        def injected_self_attention(q, k, v, extra_options):
+        def injected_self_attention(q, k, v, extra_options, **kwargs):
             layout = read_layout(extra_options)
             recorder = extra_options.get(RECORDER_KEY)
             if recorder is not None:  # an inversion: keep what the source branch will read here
                 inputs = {"q": q, "k": k, "v": v}
                 recorder.keep(reader, extra_options, {n: inputs[n] for n in needs} if active(q, extra_options) else {})
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             if layout is None or not active(q, extra_options):
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             tgt = layout.rows(TARGET, q.shape[0])
             if not tgt:
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             src = layout.rows(SOURCE, q.shape[0])
             if src:
                 source = source_inputs(q, k, v, mode, src)
             elif extra_options.get(REPLAY_KEY) is not None:
                 source = extra_options[REPLAY_KEY].source_inputs(reader, extra_options, q.shape[0], needs, q)
             else:
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
-            return previous(q, k, v, extra_options)
+            return previous(q, k, v, extra_options, **kwargs)
         injected_self_attention.attn_edit_reader = reader
         return injected_self_attention
 

@@ -87,13 +87,16 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     prepared_for_editing = bool(readers_of(model) or attention_signature)
     record = {}
 
-    def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+    def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        # (kwargs: sampler options a later host may pass; a fixed DDIM step takes none)
         n = len(sigmas) - 1
         latents = [None] * (n + 1)
         eps_at = [None] * (n + 1)
         latents[n] = x
         s_in = x.new_ones([x.shape[0]])
         for step, j in enumerate(range(n, 0, -1)):
+            # Cancel takes effect here, every step, whatever the host's progress throttling sends.
+            comfy.model_management.throw_exception_if_processing_interrupted()
             # The clean latent sits at sigma 0, where eps is undefined: read it at the model's smallest sigma
             # (no edit step evaluates there, so nothing is kept for replay).
             sigma = float(sigmas[j]) if float(sigmas[j]) > 0 else sigma_floor

@@ -132,9 +132,9 @@ class InstantMaskStrategy(LatentReplaceStrategy):
         strategy = self
 
         def make_patch(previous):
-            def capture_cross_attention(q, k, v, extra_options):
+            def capture_cross_attention(q, k, v, extra_options, **kwargs):
                 strategy.capture(q, k, extra_options)
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             return capture_cross_attention
 
         add_attention_replace(m, "attn2", make_patch, lambda key: key[0] in ("input", "output"),

@@ -7,7 +7,9 @@ from collections.abc import Callable
 import comfy.model_patcher
 from comfy.ldm.modules.attention import optimized_attention
 
-AttnFn = Callable  # (q, k, v, extra_options) -> out, the host's attn replace signature
+# (q, k, v, extra_options, **kwargs) -> out: the host's attn replace signature. Every patch of ours accepts
+# keyword arguments a later host may add and hands them on to the replace it wraps.
+AttnFn = Callable
 SUPPORTED_FAMILIES = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
 
 
@@ -35,8 +37,10 @@ def transformer_blocks(model) -> list[tuple[str, int, int]]:
     return keys
 
 
-def default_attention(q, k, v, extra_options):
-    """What a transformer block computes when no replace patch is set: the host's optimized kernel."""
+def default_attention(q, k, v, extra_options, **kwargs):
+    """What a transformer block computes when no replace patch is set: the host's optimized kernel.
+
+    Keyword arguments a later host passes to replaces are not the kernel's: they end here."""
     return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
                                transformer_options=extra_options)
 

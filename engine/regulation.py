@@ -288,16 +288,16 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
         return bases[key]
 
     def make_patch(previous):
-        def regulated_cross_attention(q, k, v, extra_options):
+        def regulated_cross_attention(q, k, v, extra_options, **kwargs):
             pos = step_position(extra_options)
             if pos is None or not pos[0] < end_percent * pos[1]:
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             step = pos[0]
             rows = cond_rows(extra_options.get("cond_or_uncond"), q.shape[0])
             shape = extra_options.get("original_shape")
             hw = None if shape is None else map_size(q.shape[1], shape[-2], shape[-1])
             if not rows or hw is None:
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             groups, keep = context_positions(k.shape[1], q.device)
             block = extra_options.get("block")
             key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
@@ -310,7 +310,7 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
             state.store(key, step, bias)
             if len(rows) == q.shape[0]:
                 return out_rows
-            out = previous(q, k, v, extra_options).clone()
+            out = previous(q, k, v, extra_options, **kwargs).clone()
             out[index] = out_rows.to(out.dtype)
             return out
 

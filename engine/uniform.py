@@ -24,18 +24,18 @@ def apply_uniform_attention(model, scope: str = SCOPE_ALL, start: float = 0.0, e
     m = model.clone()
 
     def make_patch(previous):
-        def uniform_cross_attention(q, k, v, extra_options):
+        def uniform_cross_attention(q, k, v, extra_options, **kwargs):
             if not in_step_window(extra_options, start, end):
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             if scope == SCOPE_ALL:
                 return uniform_attention(v, q.shape[1])
             layout = read_layout(extra_options)
             rows = [] if layout is None else layout.rows(INVERSION, q.shape[0]) + layout.rows(AUX, q.shape[0])
             if not rows:
-                return previous(q, k, v, extra_options)
+                return previous(q, k, v, extra_options, **kwargs)
             if len(rows) == q.shape[0]:
                 return uniform_attention(v, q.shape[1])
-            out = previous(q, k, v, extra_options).clone()
+            out = previous(q, k, v, extra_options, **kwargs).clone()
             out[rows] = uniform_attention(v[rows], q.shape[1]).to(out.dtype)
             return out
         return uniform_cross_attention

@@ -1,4 +1,7 @@
-"""The ComfyUI 0.3.75 development host: where it lives, how to import it, how to run it.
+"""The ComfyUI host the tests run on: where it lives, how to import it, how to run it.
+
+The tree is the one scripts/bootstrap.sh set up for this virtual environment (recorded in
+`<venv>/attn-edit-host`: upstream 0.33.0 for `.venv`, 0.3.75 for `.venv-0.3.75`), or ATTN_EDIT_HOST.
 
 Used by the tests, `make demo`, `make serve` and the benchmarks. Never imported by the pack.
 
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import runpy
 import socket
 import subprocess
@@ -21,10 +25,30 @@ import urllib.error
 import urllib.request
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-HOST_VERSION = "0.3.75"
-HOST_DIR = pathlib.Path(
-    os.environ.get("ATTN_EDIT_HOST", pathlib.Path.home() / ".cache" / "attention-edit" / f"ComfyUI-{HOST_VERSION}")
-)
+
+
+def _host_dir() -> pathlib.Path:
+    if os.environ.get("ATTN_EDIT_HOST"):
+        return pathlib.Path(os.environ["ATTN_EDIT_HOST"]).resolve()
+    record = pathlib.Path(sys.prefix) / "attn-edit-host"
+    if record.exists():
+        return pathlib.Path(record.read_text().strip())
+    raise RuntimeError(f"no ComfyUI host recorded for {sys.prefix}: run `make setup` (or set ATTN_EDIT_HOST)")
+
+
+HOST_DIR = _host_dir()
+
+
+def host_version() -> str:
+    """The host tree's own version string (comfyui_version.py), e.g. '0.33.0'."""
+    text = (HOST_DIR / "comfyui_version.py").read_text()
+    return re.search(r"__version__\s*=\s*[\"']([^\"']+)", text).group(1)
+
+
+def host_version_tuple() -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", host_version())[:3])
+
+
 PACK_FOLDER_NAME = "attention-edit"
 log = logging.getLogger("attention_edit.host")
 

@@ -53,7 +53,16 @@ def write_demo_image(path: pathlib.Path) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="demo: %(message)s")
+    out_dir = REPO / "out"
+    out_dir.mkdir(exist_ok=True)
+    # The user sees the demo's own lines; what the host says while its nodes load in this process goes to
+    # a file (the server's own log is written beside its base directory and named at the end).
+    host_log = out_dir / "demo-host.log"
+    logging.basicConfig(level=logging.INFO, filename=host_log, filemode="w",
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("demo: %(message)s"))
+    log.addHandler(console)
     comfy_host.add_host_to_path()
     comfy_host.register_pack()
     from attention_edit.engine.toymodel import demo_model_file
@@ -65,11 +74,11 @@ def main() -> int:
     write_demo_image(base / "input" / DEMO_IMAGE)
     workflow_file = REPO / "workflows" / f"{make_workflows.DEMO_WORKFLOW}.json"
     prompt = demo_prompt(json.loads(workflow_file.read_text()), model_path.name, DEMO_IMAGE)
-    out_dir = REPO / "out"
-    out_dir.mkdir(exist_ok=True)
     log.info("workflow: %s; starting ComfyUI", workflow_file.relative_to(REPO))
-    with comfy_host.ComfyServer(base) as server:
-        log.info("ComfyUI at %s; running the workflow", server.url)
+    server = comfy_host.ComfyServer(base)
+    log.info("ComfyUI %s at %s (its log: %s); running the workflow", comfy_host.host_version(), server.url,
+             server.log_path)
+    with server:
         entry = server.run(prompt, timeout=900)
         files = server.output_files(entry)
     if not files:

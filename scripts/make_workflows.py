@@ -169,6 +169,9 @@ WORKFLOWS = {
     "sdxl_real_edit": sdxl_real_edit,
 }
 DEMO_WORKFLOW = "real_edit_uam_masactrl"
+# The files are written on the development host: a node's output slots are what that host's frontend
+# would save (0.33.0 gave SaveImage and PreviewImage an IMAGE output that 0.3.75 lacks).
+GENERATOR_HOST = "0.33.0"
 
 
 def main() -> None:
@@ -181,6 +184,8 @@ def main() -> None:
     comfy_host.register_pack()
     from attention_edit.nodes import NODES
 
+    if comfy_host.host_version() != GENERATOR_HOST:
+        sys.exit(f"write the workflows on ComfyUI {GENERATOR_HOST} (this host is {comfy_host.host_version()})")
     ours = {n.define_schema().node_id: n for n in NODES}
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)

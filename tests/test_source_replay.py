@@ -190,10 +190,11 @@ def test_a_pinned_source_nothing_reads_is_not_run_whatever_its_prompt():
         skip_sizes, sizes[:] = sizes[:], []
         full = run(model, handle, src, tgt, empty, replay=False, strategy=make_strategy())
         assert skipped.info["unused"] == (SOURCE,) and set(skip_sizes) == {2} and set(sizes) == {4}
-        tiny.assert_same_computation(skipped.latents[TARGET], full.latents[TARGET])
+        edit_effect = full.latents[TARGET] - full.latents[SOURCE]
+        tiny.assert_same_computation(skipped.latents[TARGET], full.latents[TARGET], effect=edit_effect)
         assert torch.equal(skipped.latents[SOURCE], full.latents[SOURCE])
         if skipped.mask is not None:
-            tiny.assert_same_computation(skipped.mask, full.mask)
+            tiny.assert_same_computation(skipped.mask, full.mask, effect=torch.ones(()))  # a mask spans 0..1
     # The adaptive mask reads the source's prediction: the source runs.
     out = run(model, handle, src, tgt, empty, strategy=AdaptiveMaskStrategy())
     assert out.info["unused"] == () and SOURCE in out.info["recomputed"]

@@ -20,14 +20,25 @@ def test_ui_format_with_thumbnail(path):
     assert path.with_suffix(".jpg").exists() or path.with_suffix(".png").exists()
 
 
+def _without_unlinked_outputs(workflow: dict) -> dict:
+    """The workflow less output slots nothing connects to: the part of a saved file that differs between
+    hosts whose stock nodes gained an output (0.33.0's SaveImage has one that 0.3.75 lacks)."""
+    nodes = [dict(n, outputs=[o for o in n["outputs"] if o["links"]]) for n in workflow["nodes"]]
+    return dict(workflow, nodes=nodes)
+
+
 def test_files_match_their_generator():
     import make_workflows
     import workflow_tools
 
+    import comfy_host
     from attention_edit.nodes import NODES
 
     ours = {n.define_schema().node_id: n for n in NODES}
+    exact = comfy_host.host_version() == make_workflows.GENERATOR_HOST
     for name, make in make_workflows.WORKFLOWS.items():
         built = workflow_tools.build_ui_workflow(make(), workflow_tools.host_node_classes(), ours)
         on_disk = json.loads((pathlib.Path(make_workflows.REPO) / "workflows" / f"{name}.json").read_text())
+        if not exact:  # on another host: the same graph, every input, widget and link as this host lays it out
+            built, on_disk = _without_unlinked_outputs(built), _without_unlinked_outputs(on_disk)
         assert built == on_disk, f"workflows/{name}.json is stale: run scripts/make_workflows.py"
