@@ -21,12 +21,25 @@ import comfy_host
 # An existing (but unloadable) checkpoint file: stock loaders that reference it pass the host's
 # validation, so a graph's validation errors come only from the nodes under test.
 PLACEHOLDER_CHECKPOINT = "attn_edit_placeholder.safetensors"
+WORKFLOW_DIR = comfy_host.REPO / "workflows"
 
 
-def write_model_files(base: pathlib.Path) -> dict[str, str]:
+def workflow_checkpoints() -> list[str]:
+    """The checkpoint names the example workflows' CheckpointLoaderSimple nodes select (their ckpt_name widget)."""
+    names = set()
+    for wf_file in sorted(WORKFLOW_DIR.glob("*.json")):
+        for node in json.loads(wf_file.read_text()).get("nodes", []):
+            if node.get("type") == "CheckpointLoaderSimple" and node.get("widgets_values"):
+                names.add(node["widgets_values"][0])
+    return sorted(names)
+
+
+def write_model_files(base: pathlib.Path) -> dict:
     """Model files the host tests refer to, written before the server starts (it lists folders at start).
 
-    A placeholder checkpoint (a valid safetensors file that no loader can turn into a model), and the
+    A placeholder checkpoint (a valid safetensors file that no loader can turn into a model), the same
+    placeholder under each checkpoint name the example workflows select (a user who loads one has that
+    checkpoint; the frontend marks a loader whose file the host does not list as an error), and the
     toy-world model for graphs that really run.
     """
     import torch
@@ -37,9 +50,12 @@ def write_model_files(base: pathlib.Path) -> dict[str, str]:
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     save_file({"placeholder": torch.zeros(1)}, str(checkpoints / PLACEHOLDER_CHECKPOINT))
+    referenced = workflow_checkpoints()
+    for name in referenced:
+        save_file({"placeholder": torch.zeros(1)}, str(checkpoints / name))
     # The toy-world model in the pack's own models/ folder (trained if present, else seeded random).
     toy = pathlib.Path(demo_model_file(str(comfy_host.REPO / "models"))).name
-    return {"placeholder_checkpoint": PLACEHOLDER_CHECKPOINT, "toy_model": toy}
+    return {"placeholder_checkpoint": PLACEHOLDER_CHECKPOINT, "toy_model": toy, "workflow_checkpoints": referenced}
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +64,7 @@ def host_base(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def host_model_files(host_base) -> dict[str, str]:
+def host_model_files(host_base) -> dict:
     return write_model_files(host_base)
 
 

@@ -10,7 +10,7 @@ Never skipped: without chromium this test fails and says to run `make browser`.
 
 from __future__ import annotations
 
-from headless_chromium import ARTIFACTS, close_dialogs, launch, require_playwright
+from headless_chromium import ARTIFACTS, launch, open_frontend, require_playwright
 
 from attention_edit.nodes import NODES
 
@@ -47,15 +47,6 @@ def _widget_type(spec) -> str | None:
     return kind if kind in WIDGET_TYPES else None
 
 
-def _close_templates_dialog(page) -> None:
-    """The first-run Templates dialog covers the canvas; close it if it shows up (it is not required)."""
-    try:
-        page.wait_for_selector(".p-dialog", state="visible", timeout=8000)
-    except Exception:
-        return
-    close_dialogs(page)
-
-
 def test_frontend_loads_and_knows_every_node(comfy_server, object_info):
     sync_playwright = require_playwright()
 
@@ -70,10 +61,8 @@ def test_frontend_loads_and_knows_every_node(comfy_server, object_info):
             page.on("pageerror", lambda e: page_errors.append(str(e)))
             page.on("console", lambda m: console_errors.append(f"{m.text} @ {m.location.get('url', '')}")
                     if m.type == "error" else None)
-            page.goto(comfy_server.url, wait_until="domcontentloaded")
-            page.wait_for_function("window.app && window.app.graph", timeout=60_000)
+            open_frontend(page, comfy_server.url)  # closes the first-run Templates dialog, which covers the canvas
             registered = page.evaluate("Object.keys(window.LiteGraph.registered_node_types)")
-            _close_templates_dialog(page)
             placed = page.evaluate(PLACE_NODES, NODE_IDS)
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "frontend.png"))
