@@ -69,7 +69,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     negative = stack_conditionings([b.negative for b in live], images) if live else None
     rows = {name: layout.rows(name, layout.rows_per_chunk) for name in names}
     live_rows = [r for b in live for r in rows[b.name]]
-    pin_rows = [r for name in pin if name in names for r in rows[name]]
+    pinned = [name for name in pin if name in names]
+    pin_rows = [r for name in pinned for r in rows[name]]
     preview_rows = rows[TARGET if TARGET in names else names[-1]]
     offset = len(full_schedule) - len(sigmas)  # full-schedule index of sigmas[0]
     if strategy is not None:
@@ -87,8 +88,8 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
         for i in range(n):
             # Cancel takes effect here, every step, whatever the host's progress throttling sends.
             comfy.model_management.throw_exception_if_processing_interrupted()
-            if pin_rows:
-                x[pin_rows] = trajectory[i].to(x)
+            if pin_rows:  # every pinned branch's images, branch-major
+                x[pin_rows] = trajectory[i].to(x).repeat(len(pinned), 1, 1, 1)
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             if store is not None:
                 store.step = offset + i
@@ -108,7 +109,7 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
             if callback is not None:
                 callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised[preview_rows]})
         if pin_rows:
-            x[pin_rows] = trajectory[n].to(x)
+            x[pin_rows] = trajectory[n].to(x).repeat(len(pinned), 1, 1, 1)
         final[0] = x
         return x[live_rows]
 

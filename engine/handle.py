@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -10,14 +11,46 @@ from .patching import unet_of
 from .replay import SourceRecord
 
 
-def model_fingerprint(model) -> tuple:
-    """What identifies the denoiser a handle was made with: family, prediction type, weights."""
-    unet = unet_of(model)
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What must be the same for an inversion's trajectory and predictions to be a model's own, so that
+    pinning and replaying the source are exact (other model options, e.g. FreeU or a wrapper, only make
+    the edit recompute the source: engine.replay says which).
+
+    weights: the loaded diffusion model object (another checkpoint, or one differing in any layer, is
+    another object); weight_patches: the ModelPatcher's patch set (LoRA, merges, any weight patch renews
+    it); sampling: the model sampling's class and sigmas (ModelSamplingDiscrete, v-prediction, zsnr).
+    """
+
+    weights: weakref.ref
+    weight_patches: str
+    sampling: tuple
+    family: tuple
+
+    def differences(self, other: ModelIdentity) -> list[str]:
+        found = []
+        if self.family != other.family:
+            found.append(f"the model family ({'/'.join(other.family)} here, {'/'.join(self.family)} inverted)")
+        elif self.weights() is None or self.weights() is not other.weights():
+            found.append("the checkpoint (another model file, or the inverted one was unloaded and loaded again)")
+        if self.weight_patches != other.weight_patches:
+            found.append("the weight patches (a LoRA, a model merge or another weight patch added or removed)")
+        if self.sampling != other.sampling:
+            found.append("the model sampling (e.g. ModelSamplingDiscrete: prediction type, zsnr, sigmas)")
+        return found
+
+
+def model_identity(model) -> ModelIdentity:
+    unet_of(model)
     base = model.model
-    first = unet.input_blocks[0][0].weight
-    last = unet.out[-1].weight
-    weights = tuple(round(float(w.detach().double().abs().sum()), 4) for w in (first, last))
-    return (type(base).__name__, str(getattr(base, "model_type", "")), type(base.latent_format).__name__, weights)
+    sampling = model.get_model_object("model_sampling")
+    sigmas = getattr(sampling, "sigmas", None)
+    sigma_key = None if sigmas is None else (len(sigmas), float(sigmas.double().sum()), float(sigmas[0]), float(sigmas[-1]))
+    return ModelIdentity(
+        weights=weakref.ref(base),
+        weight_patches=str(getattr(model, "patches_uuid", "")),
+        sampling=(tuple(c.__name__ for c in type(sampling).__mro__), sigma_key),
+        family=(type(base).__name__, str(getattr(base, "model_type", "")), type(base.latent_format).__name__))
 
 
 @dataclass
@@ -37,7 +70,7 @@ class InversionHandle:
     scheduler: str
     strength: float
     cfg: float
-    model_key: tuple
+    model_key: ModelIdentity
     conditioning_key: str
     record: SourceRecord | None = None
 
@@ -54,9 +87,11 @@ class InversionHandle:
         return self.latents.shape[1]
 
     def check_model(self, model) -> None:
-        if model_fingerprint(model) != self.model_key:
-            raise ValueError("this inversion was made with another model: invert the image again with the MODEL "
-                             "you sample with (patched clones of the same checkpoint are fine)")
+        differs = self.model_key.differences(model_identity(model))
+        if differs:
+            raise ValueError(f"this inversion was made with another model; what differs: {'; '.join(differs)}. "
+                             f"Invert the image again with the MODEL you sample with (clones of it patched by "
+                             f"this pack's attention nodes are fine)")
 
     def check_latent(self, shape) -> None:
         if tuple(shape) != self.latent_shape:

@@ -17,7 +17,7 @@ import torch
 from ..attention.layout import INVERSION, LAYOUT_KEY, BranchLayout
 from ..attention.schedule import SCHEDULE_KEY
 from .conditioning import conditioning_key
-from .handle import InversionHandle, model_fingerprint
+from .handle import InversionHandle, model_identity
 from .patching import unet_of
 from .replay import RECORDER_KEY, SourceRecorder, inversion_signatures, readers_of
 
@@ -26,6 +26,8 @@ log = logging.getLogger("attention_edit")
 
 def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     """The full sampling schedule (steps + 1 sigmas, descending, ending at 0)."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     if scheduler not in comfy.samplers.SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler '{scheduler}', expected one of {comfy.samplers.SCHEDULER_NAMES}")
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu().float()
@@ -42,9 +44,17 @@ def inverted_part(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     return sigmas[steps - k:]
 
 
+# VAE latents of real images stay within a few tens; past this the input is no image latent (and float32
+# attention overflows into a flat image long before 1e30).
+LATENT_LIMIT = 1e4
+
+
 def check_latent_fits(model, samples: torch.Tensor) -> None:
-    """Channels and size must fit the model, and the latent must be finite, before any compute."""
+    """Channels and size must fit the model, and the latent must be finite and of image scale, before any
+    compute."""
     unet = unet_of(model)
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"expected a LATENT from VAEEncode or EmptyLatentImage, got {type(samples).__name__}")
     channels = model.model.latent_format.latent_channels
     if samples.dim() != 4:
         raise ValueError(f"expected an image latent of shape (batch, channels, height, width), got {tuple(samples.shape)}")
@@ -53,11 +63,17 @@ def check_latent_fits(model, samples: torch.Tensor) -> None:
                          f"encode the image with this model's VAE")
     factor = 2 ** (len(getattr(unet, "channel_mult", [1, 1, 1, 1])) - 1)
     h, w = samples.shape[-2:]
+    if samples.shape[0] == 0 or h == 0 or w == 0:
+        raise ValueError(f"the latent is empty (shape {tuple(samples.shape)}): encode an image with VAEEncode")
     if h % factor or w % factor:
         raise ValueError(f"the latent is {h}x{w} but this model needs sides divisible by {factor} "
                          f"({factor * 8} px): resize or crop the image")
     if not torch.isfinite(samples).all():
         raise ValueError("the latent contains NaN or infinite values")
+    peak = float(samples.abs().max())
+    if peak > LATENT_LIMIT:
+        raise ValueError(f"the latent has values up to {peak:.3g}, far beyond an image latent's (a few tens): "
+                         f"connect the LATENT of a VAEEncode or EmptyLatentImage")
 
 
 def with_run_options(model, layout: BranchLayout, full_schedule: torch.Tensor, **objects):
@@ -74,6 +90,8 @@ def with_run_options(model, layout: BranchLayout, full_schedule: torch.Tensor, *
 def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: float, steps: int, scheduler: str,
            strength: float, callback=None) -> tuple[torch.Tensor, InversionHandle]:
     """Invert a batch of image latents; returns the noisiest latent (VAE latent space) and the handle."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     full = schedule(model, scheduler, steps)
     sigmas = inverted_part(full, strength)
     images = samples.shape[0]
@@ -132,7 +150,7 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     if abs(cfg - 1.0) > 1e-9:
         kept.chunk_keys[1] = conditioning_key(negative if negative is not None else positive)
     handle = InversionHandle(latents=record["latents"], sigmas=sigmas.clone(), eps=record["eps"], steps=steps,
-                             scheduler=scheduler, strength=strength, cfg=cfg, model_key=model_fingerprint(model),
+                             scheduler=scheduler, strength=strength, cfg=cfg, model_key=model_identity(model),
                              conditioning_key=conditioning_key(positive), record=kept)
     if kept.inputs:
         log.info("inversion kept %.1f MB of source attention inputs for edits to replay", kept.nbytes / 2**20)

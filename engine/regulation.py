@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 
 import torch
 
@@ -14,6 +13,7 @@ from ..attention.blocks import block_selected, parse_block_spec
 from ..attention.regulation import RegulationParams, gaussian_basis, map_size, regulate
 from ..attention.schedule import step_position
 from .patching import add_attention_replace, transformer_blocks, unet_of
+from .tokens import prompt_words
 
 log = logging.getLogger("attention_edit")
 
@@ -74,36 +74,6 @@ def _token_ids(chunks) -> list[list[int | None]]:
     return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in chunks]
 
 
-def _decoder(clip):
-    """A token id -> text map from the CLIP tokenizer, if it exposes one."""
-    tokenizer = getattr(clip, "tokenizer", None)
-    for part in vars(tokenizer).values() if tokenizer is not None and hasattr(tokenizer, "__dict__") else ():
-        inv = getattr(part, "inv_vocab", None)
-        if isinstance(inv, dict):
-            return inv
-    return None
-
-
-def _prompt_words(clip, ids: list[list[int | None]], special: set[int], prompt: str) -> list[str]:
-    """The prompt's words as the tokenizer split them (for error messages)."""
-    inv = _decoder(clip)
-    if inv is None:
-        return re.findall(r"[^\W_]+(?:['-][^\W_]+)*", prompt.lower())
-    words, current = [], ""
-    for chunk in ids:
-        for t in chunk:
-            if t is None or t in special:
-                continue
-            piece = inv.get(t, "")
-            current += piece
-            if piece.endswith("</w>"):
-                words.append(current[: -len("</w>")])
-                current = ""
-    if current:
-        words.append(current)
-    return words
-
-
 def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None:
     """The token positions of the comma-separated target words in `prompt`, through the CLIP
     tokenizer (every text encoder the model has: SDXL's two see the same positions). A word made of
@@ -123,7 +93,7 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
     for key, chunks in tokens.items():
         if key not in empty or len(empty[key][0]) < 2:
             continue
-        start, end = empty[key][0][0][0], empty[key][0][1][0]
+        end = empty[key][0][1][0]
         ids = _token_ids(chunks)
         if any(len(chunk) != CHUNK for chunk in ids):
             raise ValueError(f"attention regulation works with CLIP text encoders (chunks of {CHUNK} tokens); "
@@ -149,7 +119,7 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
                 missing.append(word)
             groups.append(tuple(found))
         if missing:
-            listed = ", ".join(_prompt_words(clip, ids, {start, end}, prompt)) or "(none)"
+            listed = ", ".join(prompt_words(prompt)) or "(none)"
             names = ", ".join(f"'{w}'" for w in missing)
             raise ValueError(f"attention regulation: target word {names} not found in the prompt. Target words must "
                              f"appear in the prompt text as written there. The prompt's words: {listed}")

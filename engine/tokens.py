@@ -10,10 +10,15 @@ from __future__ import annotations
 import re
 
 
-def _token_ids(clip, text: str) -> list[int]:
+def _chunk_ids(clip, text: str) -> list[list[int]]:
+    """Token ids of every 77-token chunk of the encoded text."""
     tokens = clip.tokenize(text)
     first = tokens[sorted(tokens)[0]] if isinstance(tokens, dict) else tokens
-    return [t[0] for t in first[0]]
+    return [[t[0] for t in chunk] for chunk in first]
+
+
+def _token_ids(clip, text: str) -> list[int]:
+    return _chunk_ids(clip, text)[0]
 
 
 def _specials(clip) -> tuple[int, int]:
@@ -35,11 +40,15 @@ def _find(sequence: list[int], part: list[int], begin: int = 0) -> int:
 
 def word_positions(clip, prompt: str, words: list[str]) -> list[list[int]]:
     """Token positions of each requested word (or phrase) in the prompt; a clear error if one is absent."""
-    prompt_ids = _token_ids(clip, prompt)
+    chunks = _chunk_ids(clip, prompt)
+    prompt_ids = chunks[0]
     found = []
     for word in words:
         ids = _word_ids(clip, word)
         at = _find(prompt_ids, ids) if ids else -1
+        if at < 0 and ids and any(_find(chunk, ids) >= 0 for chunk in chunks[1:]):
+            raise ValueError(f"'{word}' comes after the prompt's first 77 tokens, which are all the mask reads: "
+                             f"shorten the prompt or move the word forward")
         if at < 0:
             raise ValueError(f"'{word}' is not in the prompt \"{prompt}\": name words that appear in it "
                              f"(its words: {', '.join(prompt_words(prompt))})")

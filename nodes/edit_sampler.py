@@ -10,7 +10,7 @@ from ..attention.layout import AUX, SOURCE, TARGET
 from ..engine.branches import Branch, sample_branches
 from ..engine.inversion import check_latent_fits, schedule
 from ..engine.masks import FixedMaskStrategy
-from .common import CATEGORY, Inversion, MaskStrategy, check_conditioning, latent_output
+from .common import CATEGORY, Inversion, MaskStrategy, check_conditioning, check_socket, check_widgets, latent_output
 from .inversion import DEFAULT_SCHEDULER, SCHEDULERS, image_mask
 
 log = logging.getLogger("attention_edit")
@@ -50,7 +50,8 @@ class EditSampler(io.ComfyNode):
                                          "step (exact source reconstruction, as FPE and DirectInversion do)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Generated images: the noise both branches start from."),
-                Inversion.Input("inversion", optional=True,
+                # lazy: the prompts and masks are checked (check_lazy_status) before the inversion is run.
+                Inversion.Input("inversion", optional=True, lazy=True,
                                 tooltip="Real image: the handle from AttnEdit_DDIMInversion."),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="Generated image: the latent size and batch (EmptyLatentImage). "
@@ -73,15 +74,32 @@ class EditSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, source, target, negative, cfg, steps, scheduler, pin_source, seed,
-                inversion=None, latent=None, mask_strategy=None, edit_mask=None) -> io.NodeOutput:
+    def validate_inputs(cls, cfg, scheduler):
+        return check_widgets(cls, cfg=cfg, scheduler=scheduler)
+
+    @classmethod
+    def check_lazy_status(cls, **inputs):
+        # Every other input has been evaluated: refuse bad prompts and masks before the inversion runs.
+        cls.check_inputs(**{k: v for k, v in inputs.items() if k != "inversion"})
+        return ["inversion"] if "inversion" in inputs and inputs["inversion"] is None else []
+
+    @classmethod
+    def check_inputs(cls, model, source, target, negative, mask_strategy=None, edit_mask=None, **_):
+        check_socket(model, "MODEL", "model", "Edit Sampler")
         for cond, name in ((source, "source"), (target, "target"), (negative, "negative")):
             check_conditioning(cond, name)
+        if mask_strategy is not None and not hasattr(mask_strategy, "prepare"):
+            raise ValueError("Edit Sampler: 'mask_strategy' must be connected to an Instant or Adaptive Mask node")
+        if edit_mask is not None and (not isinstance(edit_mask, torch.Tensor) or not torch.isfinite(edit_mask).all()):
+            raise ValueError("Edit Sampler: 'edit_mask' must be a finite MASK (values 0 to 1)")
+
+    @classmethod
+    def execute(cls, model, source, target, negative, cfg, steps, scheduler, pin_source, seed,
+                inversion=None, latent=None, mask_strategy=None, edit_mask=None) -> io.NodeOutput:
+        cls.check_inputs(model, source, target, negative, mask_strategy, edit_mask)
         branches = [Branch(SOURCE, source, negative), Branch(TARGET, target, negative)]
         strategy = mask_strategy
         if strategy is None and edit_mask is not None:
-            if not torch.isfinite(edit_mask).all():
-                raise ValueError("the mask contains NaN or infinite values")
             strategy = FixedMaskStrategy(edit_mask)
         if strategy is not None:
             model = strategy.prepare(model)
@@ -89,6 +107,7 @@ class EditSampler(io.ComfyNode):
             # UAM's auxiliary reconstruction: the source prompt, its own negative (cfg is then a no-op).
             branches.append(Branch(AUX, source, source))
         if inversion is not None:
+            check_socket(inversion, "ATTN_EDIT_INVERSION", "inversion", "Edit Sampler")
             inversion.check_model(model)
             inversion.check_steps(steps)
             if scheduler != inversion.scheduler:

@@ -2,7 +2,7 @@ from comfy_api.latest import io
 
 from ..attention.injection import MODES
 from ..engine.injection import apply_injection
-from .common import CATEGORY
+from .common import CATEGORY, check_widgets
 
 
 class SelfAttentionInjection(io.ComfyNode):
@@ -39,6 +39,10 @@ class SelfAttentionInjection(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The model with self-attention injection for the edit sampler.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, mode, fpe_ratio, fpe_max_map_side):
+        return check_widgets(cls, mode=mode, fpe_ratio=fpe_ratio, fpe_max_map_side=fpe_max_map_side)
 
     @classmethod
     def execute(cls, model, mode, fpe_ratio, fpe_max_map_side, masactrl_start_step, masactrl_start_layer) -> io.NodeOutput:

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..attention.layout import SOURCE
 from ..engine.branches import Branch, sample_branches
 from ..engine.inversion import check_latent_fits, invert, inverted_part, schedule
-from .common import CATEGORY, Inversion, check_conditioning, latent_output
+from .common import CATEGORY, Inversion, check_conditioning, check_socket, check_widgets, latent_output
 
 SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
 DEFAULT_SCHEDULER = "ddim_uniform"  # DDIM's evenly spaced timesteps (t = 1, 21, ..., 981 at 50 steps)
@@ -55,19 +55,13 @@ class DDIMInversion(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps, strength):
-        if steps < 1:
-            return f"steps must be at least 1, got {steps}"
-        if not 0.0 < strength <= 1.0:
-            return f"strength must be in (0, 1], got {strength}"
-        return True
+    def validate_inputs(cls, cfg, scheduler, strength):
+        # steps stays with the host's own check (an int within [1, 1000]).
+        return check_widgets(cls, cfg=cfg, scheduler=scheduler, strength=strength)
 
     @classmethod
     def execute(cls, model, latent, positive, cfg, steps, scheduler, strength, negative=None) -> io.NodeOutput:
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        check_socket(model, "MODEL", "model", "DDIM Inversion")
         samples = latent["samples"]
         check_latent_fits(model, samples)
         check_conditioning(positive, "positive")
@@ -106,7 +100,13 @@ class InversionReconstruct(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg):
+        return check_widgets(cls, cfg=cfg)
+
+    @classmethod
     def execute(cls, model, inversion, positive, negative, cfg, pin_source) -> io.NodeOutput:
+        check_socket(model, "MODEL", "model", "Reconstruct from Inversion")
+        check_socket(inversion, "ATTN_EDIT_INVERSION", "inversion", "Reconstruct from Inversion")
         inversion.check_model(model)
         check_conditioning(positive, "positive")
         check_conditioning(negative, "negative")

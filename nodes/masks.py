@@ -3,7 +3,7 @@ from comfy_api.latest import io
 from ..attention.masks import DILATE_EDIT, DILATIONS
 from ..engine.masks import AdaptiveMaskStrategy, InstantMaskStrategy
 from ..engine.tokens import parse_words, prompt_word_positions, word_positions
-from .common import CATEGORY, MaskStrategy
+from .common import CATEGORY, MaskStrategy, check_widgets
 
 
 class InstantMask(io.ComfyNode):
@@ -42,6 +42,11 @@ class InstantMask(io.ComfyNode):
             outputs=[MaskStrategy.Output("mask_strategy", display_name="mask_strategy",
                                          tooltip="Connect to AttnEdit_EditSampler's mask_strategy.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, map_side, object_similarity, background_similarity, threshold):
+        return check_widgets(cls, map_side=map_side, object_similarity=object_similarity,
+                             background_similarity=background_similarity, threshold=threshold)
 
     @classmethod
     def execute(cls, clip, target_prompt, words, map_side, object_similarity, background_similarity, blur_passes,
@@ -93,7 +98,9 @@ class AdaptiveMask(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, lambda_max, t_mask, dilation):
+        return check_widgets(cls, lambda_max=lambda_max, t_mask=t_mask, dilation=dilation)
+
+    @classmethod
     def execute(cls, lambda_max, t_mask, dilation, blend_source) -> io.NodeOutput:
-        if dilation not in DILATIONS:
-            raise ValueError(f"unknown dilation '{dilation}', expected one of {DILATIONS}")
         return io.NodeOutput(AdaptiveMaskStrategy(lambda_max, t_mask, dilation, blend_source))

@@ -9,7 +9,7 @@ from ..engine.regulation import (
     find_target_tokens,
     regulation_layers,
 )
-from .common import CATEGORY, block_spec_error
+from .common import CATEGORY, block_spec_error, check_widgets
 
 DEFAULTS = RegulationParams()
 
@@ -73,8 +73,11 @@ class AttentionRegulation(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, blocks):
-        return block_spec_error(blocks)
+    def validate_inputs(cls, blocks, end_percent, learning_rate, ema, decay, peak_target, share_weight, beta,
+                        map_side):
+        checked = check_widgets(cls, end_percent=end_percent, learning_rate=learning_rate, ema=ema, decay=decay,
+                                peak_target=peak_target, share_weight=share_weight, beta=beta, map_side=map_side)
+        return checked if checked is not True else block_spec_error(blocks)
 
     @classmethod
     def execute(cls, model, clip, prompt, target_words, end_percent, iterations, learning_rate, ema, decay,

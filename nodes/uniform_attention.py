@@ -1,7 +1,7 @@
 from comfy_api.latest import io
 
 from ..engine.uniform import SCOPES, apply_uniform_attention
-from .common import CATEGORY, block_spec_error
+from .common import CATEGORY, block_spec_error, check_widgets
 
 
 class UniformAttention(io.ComfyNode):
@@ -34,7 +34,10 @@ class UniformAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, blocks, start_percent, end_percent):
+    def validate_inputs(cls, scope, start_percent, end_percent, blocks):
+        checked = check_widgets(cls, scope=scope, start_percent=start_percent, end_percent=end_percent)
+        if checked is not True:
+            return checked
         if not start_percent < end_percent:
             return f"start_percent ({start_percent}) must be below end_percent ({end_percent})"
         return block_spec_error(blocks)

@@ -89,7 +89,8 @@ def test_uniform_block_selection_and_errors(world):
         uniform(model, blocks="bogus")
     with pytest.raises(ValueError, match="matches no"):
         uniform(model, blocks="input:99")
-    assert "start_percent" in UniformAttention.validate_inputs(blocks="all", start_percent=0.5, end_percent=0.5)
+    assert "start_percent" in UniformAttention.validate_inputs(scope="all", blocks="all", start_percent=0.5,
+                                                               end_percent=0.5)
     m = uniform(model, blocks="output")
     replaced = m.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert set(replaced) == {k for k in transformer_blocks(model) if k[0] == "output"}

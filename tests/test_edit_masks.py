@@ -66,13 +66,15 @@ def test_adaptive_mask_runs_the_aux_branch_and_blends_in_the_last_steps(world):
 
 
 def test_mask_errors():
-    with pytest.raises(ValueError, match="dilation"):
-        adaptive(dilation="bogus")
+    from attention_edit.nodes.masks import AdaptiveMask
+
+    assert "dilation 'bogus' is not a choice" in AdaptiveMask.validate_inputs(lambda_max=0.5, t_mask=200.0,
+                                                                             dilation="bogus")
     name = "sd15"
     model = tiny.build(name)
     lat, empty = tiny.latent(), tiny.conditioning(name, 1)
     _, handle = invert(model, lat, empty)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="finite MASK"):
         edit(model, empty, empty, empty, handle, mask=torch.full((1, 128, 128), float("nan")))
 
 

@@ -115,10 +115,9 @@ def test_progress_advances_every_step_and_cancel_stops_within_one_step():
 def test_errors_before_compute():
     model = tiny.build("sd15")
     lat, empty = tiny.latent(), tiny.conditioning("sd15", 1)
-    assert "steps" in DDIMInversion.validate_inputs(steps=0, strength=1.0)
-    assert "strength" in DDIMInversion.validate_inputs(steps=10, strength=0.0)
-    assert "strength" in DDIMInversion.validate_inputs(steps=10, strength=1.5)
-    assert DDIMInversion.validate_inputs(steps=10, strength=0.5) is True
+    assert "strength" in DDIMInversion.validate_inputs(cfg=1.0, scheduler="ddim_uniform", strength=0.0)
+    assert "strength" in DDIMInversion.validate_inputs(cfg=1.0, scheduler="ddim_uniform", strength=1.5)
+    assert DDIMInversion.validate_inputs(cfg=1.0, scheduler="ddim_uniform", strength=0.5) is True
     with pytest.raises(ValueError, match="steps"):
         invert(model, lat, empty, steps=0)
     with pytest.raises(ValueError, match="strength"):

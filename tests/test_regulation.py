@@ -395,8 +395,10 @@ def test_node_errors_before_sampling(sd1_clip):
         regulation_node(model, sd1_clip, "a cat and a dog", "cat, horse")
     with pytest.raises(ValueError, match="no cross-attention layer"):
         regulation_node(model, sd1_clip, "a cat and a dog", "cat", blocks="middle")
-    assert "unknown block" in AttentionRegulation.validate_inputs(blocks="bogus")
-    assert AttentionRegulation.validate_inputs(blocks="input, output") is True
+    numbers = dict(end_percent=0.5, learning_rate=1.0, ema=0.5, decay=0.5, peak_target=0.5, share_weight=1.0,
+                   beta=0.1, map_side=0.25)
+    assert "unknown block" in AttentionRegulation.validate_inputs(blocks="bogus", **numbers)
+    assert AttentionRegulation.validate_inputs(blocks="input, output", **numbers) is True
 
 
 def test_long_prompt_context_against_a_short_negative(sd1_clip):

@@ -47,17 +47,31 @@ def _wait_idle(server, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+NAN = float("nan")  # json.dumps writes NaN, which the host's JSON parser accepts
 BAD_SETTINGS = [
-    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"strength": 0.0}, "strength must be in (0, 1], got 0.0",
-                 id="inversion-strength-0"),
-    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"strength": 1.5}, "strength must be in (0, 1], got 1.5",
-                 id="inversion-strength-1.5"),
-    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"steps": 0}, "steps must be at least 1, got 0",
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"strength": 0.0},
+                 "DDIM Inversion: strength is 0.0, outside [0.01, 1.0]", id="inversion-strength-0"),
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"strength": 1.5},
+                 "DDIM Inversion: strength is 1.5, outside [0.01, 1.0]", id="inversion-strength-1.5"),
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"cfg": NAN}, "DDIM Inversion: cfg is nan; give a finite number",
+                 id="inversion-cfg-nan"),
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"scheduler": "bogus"},
+                 "DDIM Inversion: scheduler 'bogus' is not a choice", id="inversion-scheduler-bogus"),
+    # The host's own checks, which a node's validate_inputs would switch off for the inputs it takes.
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"steps": 0}, "Value 0 smaller than min of 1",
                  id="inversion-steps-0"),
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"steps": 1001}, "Value 1001 bigger than max of 1000",
+                 id="inversion-steps-1001"),
+    pytest.param(INVERSION, "AttnEdit_DDIMInversion", {"steps": "abc"}, "Failed to convert an input value to a INT",
+                 id="inversion-steps-abc"),
     pytest.param(UNIFORM, "AttnEdit_UniformAttention", {"blocks": "bogus"}, "unknown block 'bogus'",
                  id="uniform-blocks-bogus"),
     pytest.param(UNIFORM, "AttnEdit_UniformAttention", {"start_percent": 0.6, "end_percent": 0.4},
                  "start_percent (0.6) must be below end_percent (0.4)", id="uniform-start-after-end"),
+    pytest.param(UNIFORM, "AttnEdit_UniformAttention", {"end_percent": NAN},
+                 "Uniform Cross-Attention (UAM): end_percent is nan", id="uniform-end-nan"),
+    pytest.param(UNIFORM, "AttnEdit_UniformAttention", {"scope": "bogus"},
+                 "Uniform Cross-Attention (UAM): scope 'bogus' is not a choice", id="uniform-scope-bogus"),
 ]
 
 
@@ -77,9 +91,8 @@ def test_bad_setting_is_refused_before_execution(comfy_server, host_model_files,
     assert set(body["node_errors"]) == {node}, body["node_errors"]
     errors = body["node_errors"][node]
     assert errors["class_type"] == class_type
-    custom = [e for e in errors["errors"] if e["type"] == "custom_validation_failed"]
-    assert custom, f"no custom validation error: {errors['errors']}"
-    assert any(message in e["details"] for e in custom), f"{message!r} not in {[e['details'] for e in custom]}"
+    said = [f"{e['message']}: {e['details']}" for e in errors["errors"]]
+    assert any(message in text for text in said), f"{message!r} not in {said}"
     # Refused, not queued: nothing ran and nothing was recorded.
     assert "prompt_id" not in body
     assert _queue_is_empty(comfy_server)
