@@ -7,8 +7,6 @@ from the call's token count, so one setting means the same on SD1.x at 512 px an
 
 from __future__ import annotations
 
-import math
-
 BLOCK_NAMES = ("input", "middle", "output")
 
 
@@ -47,7 +45,12 @@ def block_selected(ranges, name: str, number: int) -> bool:
     return False
 
 
-def map_side_ratio(tokens: int, latent_shape) -> float:
-    """Side of an attention map relative to the latent side (1, 1/2, 1/4, ...)."""
-    h, w = int(latent_shape[-2]), int(latent_shape[-1])
-    return math.sqrt(tokens / float(h * w))
+def map_size(tokens: int, latent_h: int, latent_w: int) -> tuple[int, int] | None:
+    """(height, width) of a UNet attention map with `tokens` positions for a latent of this size.
+
+    Each UNet level halves the side rounding up (stride-2 convolutions with padding 1).
+    """
+    h, w = int(latent_h), int(latent_w)
+    while h * w > tokens:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return (h, w) if h * w == tokens else None

@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .heads import head_probabilities
+
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(QK^T / sqrt(d)) averaged over heads, in fp32: (batch, queries, tokens)."""
-    b, n, c = q.shape
-    d = c // heads
-    qh = q.float().reshape(b, n, heads, d).transpose(1, 2)
-    kh = k.float().reshape(b, -1, heads, d).transpose(1, 2)
-    return torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)
+    return head_probabilities(q, k, heads).mean(dim=1)
 
 
 class MapAccumulator:

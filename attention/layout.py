@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LAYOUT_KEY = "attn_edit_layout"
-
 SOURCE = "source"
 TARGET = "target"
 AUX = "aux"  # UAM's auxiliary uniform-attention reconstruction branch
@@ -34,15 +32,3 @@ class BranchLayout:
         b = self.branches.index(branch)
         return [c * self.rows_per_chunk + b * self.images + i
                 for c in range(batch // self.rows_per_chunk) for i in range(self.images)]
-
-    def as_options(self) -> dict:
-        # Plain data: model_options are deep-copied on clone().
-        return {"branches": list(self.branches), "images": self.images}
-
-
-def read_layout(options: dict) -> BranchLayout | None:
-    """The layout published in transformer_options, or None under a stock sampler."""
-    raw = options.get(LAYOUT_KEY)
-    if not raw:
-        return None
-    return BranchLayout(tuple(raw["branches"]), int(raw["images"]))

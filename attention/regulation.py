@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .heads import head_scores, heads_output
+
 
 @dataclasses.dataclass(frozen=True)
 class RegulationParams:
@@ -56,17 +58,6 @@ class RegulationParams:
 def share_target(n: int) -> float:
     """The mean attention each of n targets should get: 0.2 each up to 5 targets, then 1 / n."""
     return min(1.0, 0.2 * n) / n
-
-
-def map_size(tokens: int, latent_h: int, latent_w: int) -> tuple[int, int] | None:
-    """(height, width) of a UNet attention map with `tokens` positions for a latent of this size.
-
-    Each UNet level halves the side rounding up (stride-2 convolutions with padding 1).
-    """
-    h, w = int(latent_h), int(latent_w)
-    while h * w > tokens:
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return (h, w) if h * w == tokens else None
 
 
 def gaussian_basis(height: int, width: int, device=None) -> torch.Tensor:
@@ -178,24 +169,6 @@ def regulated_probs(scores: torch.Tensor, groups: Sequence[torch.Tensor], bias: 
     # Non-kept tokens: the biased softmax over them, scaled to the unbiased mass they had together.
     rest = torch.exp(biased_rest - lse_biased_rest + (lse_rest - lse_all))
     return torch.where(keep_mask, torch.exp(scores - lse_all), rest)
-
-
-def head_scores(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Scaled scores (B * heads, M, L) float32 from q (B, M, heads * d) and k (B, L, heads * d)."""
-    b, m, inner = q.shape
-    d = inner // heads
-    qh = q.float().reshape(b, m, heads, d).transpose(1, 2).reshape(b * heads, m, d)
-    kh = k.float().reshape(b, k.shape[1], heads, d).transpose(1, 2).reshape(b * heads, k.shape[1], d)
-    return torch.bmm(qh * d**-0.5, kh.transpose(1, 2))
-
-
-def heads_output(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """probs (B * heads, M, L) @ v (B, L, heads * d) -> (B, M, heads * d), float32."""
-    b, length, inner = v.shape
-    d = inner // heads
-    vh = v.float().reshape(b, length, heads, d).transpose(1, 2).reshape(b * heads, length, d)
-    out = torch.bmm(probs, vh)
-    return out.reshape(b, heads, -1, d).transpose(1, 2).reshape(b, -1, inner)
 
 
 @contextlib.contextmanager

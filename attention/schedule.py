@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import torch
 
-SCHEDULE_KEY = "attn_edit_schedule"  # full-schedule sigmas published by the pack's samplers
 
+def position_in_schedule(schedule, sigma) -> tuple[int, int, bool] | None:
+    """(step index, number of steps, exact) of a call at `sigma` in a descending schedule of sigmas.
 
-def step_position(options: dict) -> tuple[int, int] | None:
-    """(step index, number of steps) of the current call, from transformer_options.
-
-    Uses the full schedule the pack's samplers publish (so a partial, SDEdit-style run keeps the
-    step meaning of the whole schedule), else ComfyUI's `sample_sigmas`. None outside sampling.
+    The index is that of the nearest schedule sigma; `exact` says the call's sigma is that sigma (the
+    inversion's call at the clean latent, made at the model's smallest sigma, is not a schedule step).
+    None outside sampling (no schedule or sigma known).
     """
-    schedule = options.get(SCHEDULE_KEY)
-    if schedule is None:
-        schedule = options.get("sample_sigmas")
-    sigma = options.get("sigmas")
     if schedule is None or sigma is None:
         return None
     schedule = torch.as_tensor(schedule, dtype=torch.float64).flatten().cpu()
@@ -24,17 +19,7 @@ def step_position(options: dict) -> tuple[int, int] | None:
     steps = len(schedule) - 1
     if steps < 1:
         return None
-    index = int(torch.argmin((schedule[:steps] - current).abs()))
-    return index, steps
-
-
-def in_step_window(options: dict, start: float, end: float) -> bool:
-    """True when the call's step i satisfies start <= i / N < end (fractions of the schedule).
-
-    Outside sampling (no schedule known) the window counts as open.
-    """
-    pos = step_position(options)
-    if pos is None:
-        return True
-    i, n = pos
-    return start * n <= i < end * n
+    distance = (schedule[:steps] - current).abs()
+    index = int(torch.argmin(distance))
+    exact = float(distance[index]) <= 1e-5 * max(1.0, abs(current))
+    return index, steps, exact

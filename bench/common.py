@@ -17,10 +17,11 @@ log = logging.getLogger("attention_edit.bench")
 
 
 def setup() -> None:
-    """The host and the pack importable here, as in the tests (tiny model builders included)."""
-    for path in (REPO / "scripts", REPO / "tests"):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+    """The host and the pack importable here, as in the tests. The shared helpers (`fixtures`: the tiny
+    model builders, the toy-world node calls) come from the repository root, on sys.path for
+    ``python -m bench.run`` as for the tests."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
     import comfy_host
 
     comfy_host.add_host_to_path()

@@ -54,10 +54,10 @@ def make_jobs(family: str, steps: int, latent_side: int, device: str):
     """(model, {job: callable}) for the generation and the edit, as perf.py runs them."""
     import nodes as comfy_nodes
 
-    import tiny
     from attention_edit.nodes.edit_sampler import EditSampler
     from attention_edit.nodes.injection import SelfAttentionInjection
     from attention_edit.nodes.inversion import DDIMInversion
+    from fixtures import tiny
 
     model = tiny.build(family)
     latent = tiny.latent(size=latent_side)

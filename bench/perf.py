@@ -12,12 +12,12 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 24, edit_latent_sid
         repeats: int = 5, family: str = "sd15_full") -> None:
     import nodes as comfy_nodes
 
-    import tiny
     from attention_edit.engine.masks import AdaptiveMaskStrategy, InstantMaskStrategy
     from attention_edit.nodes.edit_sampler import EditSampler
     from attention_edit.nodes.injection import SelfAttentionInjection
     from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
     from attention_edit.nodes.uniform_attention import UniformAttention
+    from fixtures import tiny
 
     from .common import interleaved, ratio
 

@@ -2,9 +2,10 @@
 
 Every method runs through the pack's own nodes with the defaults a user gets (`run_node` fills every
 input a call does not set from the node's schema); images come from ComfyUI's VAEEncode/VAEDecode
-and conditioning from CLIPTextEncode, as in a graph. The world gives exact answers: held-out scenes
-and edit pairs (captions the training never saw) with ground-truth edit masks, and a classifier
-that reads attributes back (`toyworld.classifier`).
+and conditioning from CLIPTextEncode, as in a graph (`World`, `run_node`, the image metrics and the
+methods' wiring are in fixtures/toy_graph.py, shared with the tests). The world gives exact answers:
+held-out scenes and edit pairs (captions the training never saw) with ground-truth edit masks, and a
+classifier that reads attributes back (`toyworld.classifier`).
 
 * Reconstruction (held-out scenes): PSNR / SSIM of the decoded reconstruction against the rendered
   input, per inversion variant: ``ddim_cfg1`` and ``ddim_cfg7_5`` (DDIM inversion and reconstruction
@@ -42,97 +43,18 @@ from typing import Any
 
 import numpy as np
 
+from fixtures.toy_graph import EDIT_CFG, World, edit_methods, edit_succeeded, invert_for, iou, psnr, run_edit, run_node, ssim
+
 log = logging.getLogger("attention_edit.bench.quality")
 
 OBJECT_EDITS = ("recolour", "reshape", "replace")
-EDIT_CFG = 7.5
 MASK_THRESHOLD = 0.5
-
-
-def run_node(node, **inputs):
-    """`node.execute` with every input not given taken from the node's schema default (what a user gets)."""
-    values = {}
-    for spec in node.define_schema().inputs:
-        if spec.id in inputs:
-            values[spec.id] = inputs.pop(spec.id)
-        elif getattr(spec, "default", None) is not None:
-            values[spec.id] = spec.default
-    if inputs:
-        raise TypeError(f"{node.__name__} has no inputs {sorted(inputs)}")
-    return node.execute(**values).args
-
-
-def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """PSNR in dB of uint8 images, over the pixels where mask is True (all without a mask)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    mse = float(np.mean((a - b) ** 2)) if a.size else 0.0
-    return 10.0 * np.log10(255.0 ** 2 / max(mse, 1e-10))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=255))
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def edit_succeeded(pair, image: np.ndarray) -> bool:
-    """Whether `image` shows what the edit asked for (see the module docstring)."""
-    from toyworld import classifier
-
-    report = classifier.scene_attribute_report(pair.target, image)
-    if pair.kind == "background":
-        return bool(report["background"])
-    if pair.kind == "remove":
-        return report["n_detected"] == len(pair.target.objects)
-    return all(report["objects"][pair.edited_object_index].values())
 
 
 def structure_iou(image: np.ndarray, reference: np.ndarray) -> float:
     from toyworld import classifier
 
     return iou(classifier.foreground_mask(image), classifier.foreground_mask(reference))
-
-
-class World:
-    """The loaded toy model and the ComfyUI node calls every measurement shares."""
-
-    def __init__(self, model_path, steps: int):
-        import nodes as comfy_nodes
-
-        from attention_edit.engine import toymodel
-
-        self.comfy = comfy_nodes
-        self.model, self.clip, self.vae = toymodel.load_toy(model_path)
-        self.steps = steps
-        self._conds: dict[str, Any] = {}
-
-    def cond(self, text: str):
-        if text not in self._conds:
-            self._conds[text] = self.comfy.CLIPTextEncode().encode(self.clip, text)[0]
-        return self._conds[text]
-
-    def encode(self, image: np.ndarray) -> dict:
-        import torch
-
-        pixels = torch.from_numpy(image[None].astype(np.float32) / 255.0)
-        return self.comfy.VAEEncode().encode(self.vae, pixels)[0]
-
-    def decode(self, latent: dict) -> np.ndarray:
-        images = self.comfy.VAEDecode().decode(self.vae, latent)[0]
-        return (images[0].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-    def invert(self, model, latent: dict, prompt: str, strength: float = 1.0, cfg: float = 1.0):
-        from attention_edit.nodes.inversion import DDIMInversion
-
-        return run_node(DDIMInversion, model=model, latent=latent, positive=self.cond(prompt), negative=self.cond(""),
-                        cfg=cfg, steps=self.steps, strength=strength)[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,76 +100,30 @@ def reconstruction(world: World, scene_list: Sequence) -> dict[str, dict[str, li
 # Edits
 
 
-def edit_methods(world: World) -> dict[str, dict[str, Any]]:
-    """Per method, as its example workflow wires it: the patched model (also the model that inverts),
-    the inversion's prompt ("caption" or "empty") and strength, the source branch's prompt, the mask."""
-    from attention_edit.nodes.injection import SelfAttentionInjection
-    from attention_edit.nodes.uniform_attention import UniformAttention
-
-    fpe = run_node(SelfAttentionInjection, model=world.model, mode="fpe")[0]
-    masactrl = run_node(SelfAttentionInjection, model=world.model, mode="masactrl")[0]
-    # UAM (official code): uniform attention in the inversion and the auxiliary branch, empty prompt for both
-    # and for the source branch; MasaCtrl on the target.
-    uam = run_node(SelfAttentionInjection, model=run_node(UniformAttention, model=world.model,
-                                                          scope="inversion_and_aux")[0], mode="masactrl")[0]
-    plain = {"invert": "caption", "strength": 1.0, "source": "caption"}
-    return {
-        "ddim": {"model": world.model, **plain},
-        "fpe": {"model": fpe, **plain, "invert": "empty", "source": "empty"},  # replayed source
-        "masactrl": {"model": masactrl, **plain},
-        "uam": {"model": uam, "invert": "empty", "strength": 1.0, "source": "empty", "mask": "adaptive"},
-        "uam_unchanged": {"model": uam, "invert": "empty", "strength": 1.0, "source": "empty",
-                          "mask": "adaptive_unchanged"},
-        "instdiffedit": {"model": world.model, "invert": "empty", "strength": 0.5, "source": "caption",
-                         "mask": "instant"},
-    }
-
-
-def mask_strategy(world: World, kind: str | None, pair):
-    from attention_edit.attention.masks import DILATE_UNCHANGED
-    from attention_edit.nodes.masks import AdaptiveMask, InstantMask
-
-    if kind is None:
-        return None
-    if kind == "adaptive":
-        return run_node(AdaptiveMask)[0]
-    if kind == "adaptive_unchanged":
-        return run_node(AdaptiveMask, dilation=DILATE_UNCHANGED)[0]
-    # The edited words of the target prompt; "remove" names nothing there: the object is found by the start token.
-    return run_node(InstantMask, clip=world.clip, target_prompt=pair.target_caption, words=pair.target_word)[0]
-
-
 def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
           keep_images: bool = False) -> list[dict[str, Any]]:
     """One row of scores per (pair, method); with keep_images the edited image too (row["image"])."""
-    from attention_edit.nodes.edit_sampler import EditSampler
     from toyworld import scenes
 
     table = edit_methods(world)
     methods = list(table) if methods is None else list(methods)
-    empty = world.cond("")
     rows = []
     for n, pair in enumerate(pairs):
         source_image = scenes.render(pair.source)[0]
         target_image = scenes.render(pair.target)[0]
         latent = world.encode(source_image)
-        prompts = {"caption": pair.source_caption, "empty": ""}
         handles: dict[tuple, Any] = {}  # one inversion per (model, prompt, strength), shared by the methods
         for method in methods:
             spec = table[method]
             key = (id(spec["model"]), spec["invert"], spec["strength"])
             if key not in handles:
-                handles[key] = world.invert(spec["model"], latent, prompts[spec["invert"]], spec["strength"])
+                handles[key] = invert_for(world, spec, pair, latent)
         keep = ~pair.edit_mask
         for method in methods:
             spec = table[method]
             started = time.perf_counter()
             handle = handles[(id(spec["model"]), spec["invert"], spec["strength"])]
-            edited, _, mask = run_node(EditSampler, model=spec["model"], source=world.cond(prompts[spec["source"]]),
-                                       target=world.cond(pair.target_caption), negative=empty, cfg=EDIT_CFG,
-                                       steps=world.steps, inversion=handle,
-                                       mask_strategy=mask_strategy(world, spec.get("mask"), pair))
-            image = world.decode(edited)
+            image, mask = run_edit(world, spec, pair, handle)
             row = {"pair": n, "kind": pair.kind, "method": method, "success": edit_succeeded(pair, image),
                    "background_psnr": psnr(image, source_image, keep) if keep.any() else None,
                    "structure": structure_iou(image, target_image), "seconds": time.perf_counter() - started}
@@ -321,7 +197,7 @@ def run(rec, model_path, **options) -> None:
 def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int = 4, n_gen: int = 64,
             n_attention: int = 32, n_regulation: int = 32, gen_steps: int = 20, methods: Sequence[str] | None = None,
             kinds: Sequence[str] | None = None) -> None:
-    from attention_edit.engine import toymodel
+    from attention_edit.toyworld import model as toymodel
     from toyworld import evaluate, scenes
 
     world = World(model_path, steps)

@@ -20,10 +20,10 @@ def run(rec, device: str, steps: int = 8, latent_side: int = 32, repeats: int = 
     import nodes as comfy_nodes
     import torch
 
-    import tiny
     from attention_edit.attention.regulation import RegulationParams
     from attention_edit.engine import regulation as engine
     from attention_edit.engine.regulation import TokenPlan, apply_attention_regulation, regulation_layers
+    from fixtures import tiny
 
     from .common import interleaved, ratio
 

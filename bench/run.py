@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         else:
             regulation.run(rec, args.device, repeats=args.repeats)
     if "quality" in args.only:
-        from attention_edit.engine import toymodel
+        from attention_edit.toyworld import model as toymodel
 
         from . import quality
 

@@ -1,7 +1,7 @@
 """The multi-branch sampler: source, target (and auxiliary) branches in one batched call per step.
 
-Rows are branch-major (branch b, image i -> row b * images + i) and the layout is published in
-transformer_options, so every attention patch knows which rows to read from and which to change.
+Rows are branch-major (branch b, image i -> row b * images + i) and the layout is published to every
+model call (engine/contract.py), so each attention patch knows which rows to read from and change.
 The update is DDIM with eta = 0, i.e. an Euler step in sigma space.
 """
 
@@ -15,8 +15,8 @@ import torch
 
 from ..attention.layout import AUX, SOURCE, TARGET, BranchLayout
 from .conditioning import conditioning_key, stack_conditionings
-from .inversion import with_run_options
-from .replay import REPLAY_KEY, ReplayPlan, ReplayStore, plan_replay
+from .contract import EditRunContext, with_run
+from .replay import ReplayPlan, ReplayStore, plan_replay
 
 REPLAYABLE = (SOURCE, AUX)  # branches that can be the inversion's own computation
 
@@ -37,6 +37,68 @@ class BranchRun:
     info: dict = field(default_factory=dict)
 
 
+class BranchStepper:
+    """One DDIM (Euler in sigma space) step of every branch at a time: pin, predict (run the live rows,
+    replay the rest), blend, step. Used as the host's sampler function; the full batch of every branch
+    (replayed rows included) stays in `x` for `finish`."""
+
+    def __init__(self, layout: BranchLayout, live: list[str], plan: ReplayPlan, pinned: list[str],
+                 trajectory: torch.Tensor | None, handle, mask_run):
+        self.layout, self.plan, self.pinned, self.trajectory, self.handle = layout, plan, pinned, trajectory, handle
+        self.mask_run = mask_run
+        per = layout.rows_per_chunk
+        self.rows = {name: layout.rows(name, per) for name in layout.branches}
+        self.live_rows = [r for name in live for r in self.rows[name]]
+        self.pin_rows = [r for name in pinned for r in self.rows[name]]
+        self.preview_rows = self.rows[TARGET if TARGET in layout.branches else layout.branches[-1]]
+        self.x: torch.Tensor | None = None
+
+    def start(self, x_live: torch.Tensor) -> torch.Tensor:
+        if self.trajectory is not None:  # every branch starts at the noisiest inverted latent
+            return self.trajectory[0].to(x_live).repeat(len(self.layout.branches), 1, 1, 1)
+        x = x_live.new_zeros((self.layout.rows_per_chunk,) + tuple(x_live.shape[1:]))
+        x[self.live_rows] = x_live
+        return x
+
+    def pin(self, x: torch.Tensor, i: int) -> None:
+        if self.pin_rows:  # every pinned branch's images, branch-major
+            x[self.pin_rows] = self.trajectory[i].to(x).repeat(len(self.pinned), 1, 1, 1)
+
+    def predict(self, model_k, x: torch.Tensor, i: int, sigma: float, extra_args: dict) -> torch.Tensor:
+        denoised = torch.empty_like(x)
+        s_in = x.new_ones([len(self.live_rows)])
+        denoised[self.live_rows] = model_k(x[self.live_rows], sigma * s_in, **extra_args)
+        if self.plan.branches:  # a pinned branch's prediction is the inversion's own
+            inverted = (self.trajectory[i] - sigma * self.handle.eps[i]).to(x)
+            for name in self.plan.branches:
+                denoised[self.rows[name]] = inverted
+        for name in self.plan.unused:  # read by nothing and pinned again next step: stand still
+            denoised[self.rows[name]] = x[self.rows[name]]
+        return denoised
+
+    def __call__(self, model_k, x_live, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        # kwargs: sampler options a later host may pass; a fixed DDIM step takes none.
+        x = self.start(x_live)
+        n = len(sigmas) - 1
+        for i in range(n):
+            # Cancel takes effect here, every step, whatever the host's progress throttling sends.
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            self.pin(x, i)
+            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            denoised = self.predict(model_k, x, i, sigma, extra_args or {})
+            if self.mask_run is not None:
+                denoised = self.mask_run.blend_denoised(i, x, denoised)
+            x = x + (sigma_next - sigma) * (x - denoised) / sigma
+            if self.mask_run is not None:
+                x = self.mask_run.after_step(i, x)
+            if callback is not None:  # the host's sampler callback (previews, progress)
+                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                               "denoised": denoised[self.preview_rows]})
+        self.pin(x, n)
+        self.x = x
+        return x[self.live_rows]
+
+
 def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Tensor, full_schedule: torch.Tensor,
                     images: int, trajectory: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                     pin: tuple[str, ...] = (), strategy=None, callback=None, handle=None) -> BranchRun:
@@ -48,6 +110,7 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     noise: for generated images instead: the same noise starts every branch.
     handle: the inversion, to replay the pinned branches it already computed (engine.replay) instead
     of running them, and to skip a pinned source nothing reads; the plan is in the run's info.
+    strategy: a mask strategy (engine.masks), already prepared on `model`.
     """
     names = tuple(b.name for b in branches)
     layout = BranchLayout(names, images)  # every branch: what strategies and callbacks see
@@ -59,80 +122,40 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
                            source_prediction_read=getattr(strategy, "reads_source_prediction", False))
     live = [b for b in branches if b.name not in plan.skipped]
     live_layout = BranchLayout(tuple(b.name for b in live), images)  # the rows the model runs
-    run_objects = {}
+    mask_run = None
+    if strategy is not None:
+        mask_run = strategy.start(layout, sigmas, trajectory, model.get_model_object("model_sampling"))
     store = None
     if SOURCE in plan.branches:
         store = ReplayStore(handle.record, plan.kind_map, live_layout.rows_per_chunk)
-        run_objects[REPLAY_KEY] = store
-    m = with_run_options(model, live_layout, full_schedule, **run_objects)
-    positive = stack_conditionings([b.positive for b in live], images) if live else None
-    negative = stack_conditionings([b.negative for b in live], images) if live else None
-    rows = {name: layout.rows(name, layout.rows_per_chunk) for name in names}
-    live_rows = [r for b in live for r in rows[b.name]]
-    pinned = [name for name in pin if name in names]
-    pin_rows = [r for name in pinned for r in rows[name]]
-    preview_rows = rows[TARGET if TARGET in names else names[-1]]
-    offset = len(full_schedule) - len(sigmas)  # full-schedule index of sigmas[0]
-    if strategy is not None:
-        strategy.begin(layout, sigmas, trajectory, model.get_model_object("model_sampling"))
-
-    def branch_sampler(model_k, x_live, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
-        # (kwargs: sampler options a later host may pass; a fixed DDIM step takes none)
-        n = len(sigmas) - 1
-        if trajectory is not None:
-            x = trajectory[0].to(x_live).repeat(len(names), 1, 1, 1)
-        else:
-            x = x_live.new_zeros((layout.rows_per_chunk,) + tuple(x_live.shape[1:]))
-            x[live_rows] = x_live
-        s_in = x.new_ones([len(live_rows)])
-        for i in range(n):
-            # Cancel takes effect here, every step, whatever the host's progress throttling sends.
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if pin_rows:  # every pinned branch's images, branch-major
-                x[pin_rows] = trajectory[i].to(x).repeat(len(pinned), 1, 1, 1)
-            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-            if store is not None:
-                store.step = offset + i
-            denoised = torch.empty_like(x)
-            denoised[live_rows] = model_k(x[live_rows], sigma * s_in, **(extra_args or {}))
-            if plan.branches:  # a pinned branch's prediction is the inversion's own
-                inverted = (trajectory[i] - sigma * handle.eps[i]).to(x)
-                for name in plan.branches:
-                    denoised[rows[name]] = inverted
-            for name in plan.unused:  # read by nothing and pinned again next step: stand still
-                denoised[rows[name]] = x[rows[name]]
-            if strategy is not None:
-                denoised = strategy.blend_denoised(i, x, denoised)
-            x = x + (sigma_next - sigma) * (x - denoised) / sigma
-            if strategy is not None:
-                x = strategy.after_step(i, x)
-            if callback is not None:
-                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised[preview_rows]})
-        if pin_rows:
-            x[pin_rows] = trajectory[n].to(x).repeat(len(pinned), 1, 1, 1)
-        final[0] = x
-        return x[live_rows]
-
-    final = [None]
-    if not live:  # every branch pinned and replayed or unused (a pinned reconstruction): nothing to run
-        final[0] = trajectory[-1].to(comfy.model_management.intermediate_device()).repeat(len(names), 1, 1, 1)
-    elif noise is None:
-        noise = torch.zeros((images * len(live),) + tuple(trajectory.shape[2:]), dtype=trajectory.dtype)
-    else:
-        noise = noise.repeat(len(live), 1, 1, 1)
+    run = EditRunContext(live_layout, full_schedule, replay=store, mask_run=mask_run)
+    stepper = BranchStepper(layout, [b.name for b in live], plan, [n for n in pin if n in names], trajectory,
+                            handle, mask_run)
     if live:
-        guider = comfy.samplers.CFGGuider(m)
-        guider.set_conds(positive, negative)
+        if noise is None:
+            noise = torch.zeros((images * len(live),) + tuple(trajectory.shape[2:]), dtype=trajectory.dtype)
+        else:
+            noise = noise.repeat(len(live), 1, 1, 1)
+        guider = comfy.samplers.CFGGuider(with_run(model, run))
+        guider.set_conds(stack_conditionings([b.positive for b in live], images),
+                         stack_conditionings([b.negative for b in live], images))
         guider.set_cfg(cfg)
-        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(branch_sampler), sigmas,
+        guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(stepper), sigmas,
                       callback=callback, disable_pbar=True, seed=0)
-    # Every branch's final latent, replayed ones included, out of the model's sampling space.
-    x = model.get_model_object("model_sampling").inverse_noise_scaling(sigmas[-1], final[0])
+        final = stepper.x
+    else:  # every branch pinned and replayed or unused (a pinned reconstruction): nothing to run
+        final = trajectory[-1].to(comfy.model_management.intermediate_device()).repeat(len(names), 1, 1, 1)
+    return finish(model, layout, stepper.rows, sigmas, final, mask_run, plan)
+
+
+def finish(model, layout: BranchLayout, rows: dict, sigmas: torch.Tensor, final: torch.Tensor, mask_run,
+           plan: ReplayPlan) -> BranchRun:
+    """Every branch's final latent, replayed ones included, out of the model's sampling space."""
+    x = model.get_model_object("model_sampling").inverse_noise_scaling(sigmas[-1], final)
     out = model.model.process_latent_out(x).to(comfy.model_management.intermediate_device())
-    latents = {name: out[rows[name]] for name in names}
-    mask = strategy.final_mask() if strategy is not None else None
-    return BranchRun(latents=latents, mask=mask,
+    return BranchRun(latents={name: out[rows[name]] for name in layout.branches},
+                     mask=mask_run.final_mask() if mask_run is not None else None,
                      info={"replayed": plan.branches, "unused": plan.unused, "recomputed": plan.reasons})
 
 
-__all__ = ["Branch", "BranchRun", "sample_branches", "SOURCE", "TARGET"]
+__all__ = ["Branch", "BranchRun", "BranchStepper", "sample_branches", "SOURCE", "TARGET"]

@@ -68,10 +68,8 @@ class InversionHandle:
     eps: torch.Tensor
     steps: int  # steps of the full schedule; a partial inversion covers its last len(sigmas) - 1
     scheduler: str
-    strength: float
     cfg: float
     model_key: ModelIdentity
-    conditioning_key: str
     record: SourceRecord | None = None
 
     @property

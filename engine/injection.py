@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from ..attention.blocks import map_side_ratio
-from ..attention.injection import FPE, MASACTRL, SOURCE_INPUTS, source_inputs, substitute_inputs
-from ..attention.layout import SOURCE, TARGET, read_layout
-from ..attention.schedule import step_position
+from ..attention.injection import FPE, MASACTRL, SOURCE_INPUTS, substitute_inputs
+from ..attention.layout import TARGET
 from .patching import add_attention_replace, transformer_blocks
-from .replay import RECORDER_KEY, REPLAY_KEY
 
 
 def default_masactrl_layer(model) -> int:
@@ -48,45 +45,25 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
         raise ValueError(f"masactrl_start_layer {start_layer} is past the model's {len(keys)} transformer blocks")
     selected = set(keys[start_layer:]) if mode == MASACTRL else set(keys)
     m = model.clone()
+    reader = uuid.uuid4().hex  # names this application's source inputs in an inversion's record
 
-    def active(q, extra_options) -> bool:
-        pos = step_position(extra_options)
-        if pos is None:
+    def active(call) -> bool:
+        if call.step is None:
             return False
-        i, n = pos
+        i, n = call.step
         if mode == FPE:
-            return i < fpe_ratio * n and map_side_ratio(q.shape[1], extra_options["original_shape"]) <= fpe_max_map_side
+            return i < fpe_ratio * n and call.map_side is not None and call.map_side <= fpe_max_map_side
         return i >= masactrl_start_step
 
-    reader = uuid.uuid4().hex  # names this patch's source inputs in an inversion's record
-    needs = SOURCE_INPUTS[mode]
+    def injected_self_attention(call, q, k, v, previous, source):
+        tgt = call.rows(TARGET)
+        if not tgt:
+            return previous(q, k, v)
+        q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
+        return previous(q, k, v)
 
-    def make_patch(previous):
-        def injected_self_attention(q, k, v, extra_options, **kwargs):
-            layout = read_layout(extra_options)
-            recorder = extra_options.get(RECORDER_KEY)
-            if recorder is not None:  # an inversion: keep what the source branch will read here
-                inputs = {"q": q, "k": k, "v": v}
-                recorder.keep(reader, extra_options, {n: inputs[n] for n in needs} if active(q, extra_options) else {})
-                return previous(q, k, v, extra_options, **kwargs)
-            if layout is None or not active(q, extra_options):
-                return previous(q, k, v, extra_options, **kwargs)
-            tgt = layout.rows(TARGET, q.shape[0])
-            if not tgt:
-                return previous(q, k, v, extra_options, **kwargs)
-            src = layout.rows(SOURCE, q.shape[0])
-            if src:
-                source = source_inputs(q, k, v, mode, src)
-            elif extra_options.get(REPLAY_KEY) is not None:
-                source = extra_options[REPLAY_KEY].source_inputs(reader, extra_options, q.shape[0], needs, q)
-            else:
-                return previous(q, k, v, extra_options, **kwargs)
-            q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
-            return previous(q, k, v, extra_options, **kwargs)
-        injected_self_attention.attn_edit_reader = reader
-        return injected_self_attention
-
-    # Only the target rows change.
-    add_attention_replace(m, "attn1", make_patch, lambda key: key in selected,
-                          effect=lambda branch: ("injection", reader) if branch == TARGET else None)
+    # Only the target rows change; the source's inputs are read where `active` says.
+    add_attention_replace(m, "attn1", f"injection:{mode}", injected_self_attention, lambda key: key in selected,
+                          effect=lambda branch: ("injection", reader) if branch == TARGET else None,
+                          reads_source=SOURCE_INPUTS[mode], reader=reader, active=active)
     return m

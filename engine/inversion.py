@@ -1,9 +1,9 @@
 """DDIM inversion in ComfyUI's sigma space.
 
 With x = x0 + sigma * eps, a deterministic DDIM step is an Euler step x' = x + (sigma' - sigma) eps,
-so inversion runs it backwards from the clean latent, with eps taken at the current point (the usual
-eps(x_{t+1}) ~ eps(x_t) approximation). The host's model wrapper turns eps- and v-prediction and SDXL
-into the same `denoised`, so eps = (x - denoised) / sigma serves every family alike.
+so inversion runs it backwards from the clean latent (InversionStepper). The host's model wrapper
+turns eps- and v-prediction and SDXL into the same `denoised`, so eps = (x - denoised) / sigma serves
+every family alike.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
-from ..attention.layout import INVERSION, LAYOUT_KEY, BranchLayout
-from ..attention.schedule import SCHEDULE_KEY
+from ..attention.layout import INVERSION, BranchLayout
 from .conditioning import conditioning_key
+from .contract import EditRunContext, is_unguided, with_run
 from .handle import InversionHandle, model_identity
-from .patching import unet_of
-from .replay import RECORDER_KEY, SourceRecorder, inversion_signatures, readers_of
+from .patching import source_readers, unet_of
+from .replay import SourceRecorder, inversion_signatures
 
 log = logging.getLogger("attention_edit")
 
@@ -76,15 +76,45 @@ def check_latent_fits(model, samples: torch.Tensor) -> None:
                          f"connect the LATENT of a VAEEncode or EmptyLatentImage")
 
 
-def with_run_options(model, layout: BranchLayout, full_schedule: torch.Tensor, **objects):
-    """A clone publishing the branch layout, the full schedule and run objects (by transformer_options
-    key, e.g. the source recorder) to the attention patches."""
-    m = model.clone()
-    options = m.model_options.setdefault("transformer_options", {})
-    options[LAYOUT_KEY] = layout.as_options()
-    options[SCHEDULE_KEY] = [float(s) for s in full_schedule]
-    options.update(objects)  # set after clone(): run objects are shared, never deep-copied
-    return m
+class InversionStepper:
+    """DDIM run backwards as the host's sampler function; keeps each step's latent and prediction.
+
+    eps at the current point stands in for eps at the next (the usual eps(x_{t+1}) ~ eps(x_t)).
+    """
+
+    def __init__(self, sigma_floor: float, predict_noisiest: bool):
+        self.sigma_floor, self.predict_noisiest = sigma_floor, predict_noisiest
+        self.latents: torch.Tensor | None = None  # (steps + 1, batch, ...), index i at sigmas[i]
+        self.eps: torch.Tensor | None = None
+
+    def __call__(self, model_k, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        # kwargs: sampler options a later host may pass; a fixed DDIM step takes none.
+        extra_args = extra_args or {}
+        n = len(sigmas) - 1
+        latents, eps_at = [None] * (n + 1), [None] * (n + 1)
+        latents[n] = x
+        s_in = x.new_ones([x.shape[0]])
+        for step, j in enumerate(range(n, 0, -1)):
+            # Cancel takes effect here, every step, whatever the host's progress throttling sends.
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            # The clean latent sits at sigma 0, where eps is undefined: read it at the model's smallest sigma
+            # (no edit step evaluates there, so nothing is kept for replay).
+            sigma = float(sigmas[j]) if float(sigmas[j]) > 0 else self.sigma_floor
+            denoised = model_k(x, sigma * s_in, **extra_args)
+            eps_at[j] = (x - denoised) / sigma
+            x = x + (float(sigmas[j - 1]) - float(sigmas[j])) * eps_at[j]
+            latents[j - 1] = x
+            if callback is not None:
+                callback({"x": x, "i": step, "sigma": sigmas[j - 1], "sigma_hat": sigmas[j - 1], "denoised": denoised})
+        if self.predict_noisiest:
+            # One more call at the noisiest latent, where every edit starts: with it the handle holds every
+            # prediction a pinned source makes, so edits replay their source from step 0.
+            eps_at[0] = (x - model_k(x, float(sigmas[0]) * s_in, **extra_args)) / float(sigmas[0])
+        else:
+            eps_at[0] = torch.full_like(x, float("nan"))
+        device = comfy.model_management.intermediate_device()
+        self.latents, self.eps = torch.stack(latents).to(device), torch.stack(eps_at).to(device)
+        return x
 
 
 def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: float, steps: int, scheduler: str,
@@ -94,64 +124,25 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     full = schedule(model, scheduler, steps)
     sigmas = inverted_part(full, strength)
-    images = samples.shape[0]
-    recorder = SourceRecorder(images)
-    m = with_run_options(model, BranchLayout((INVERSION,), images), full, **{RECORDER_KEY: recorder})
-    sigma_floor = float(model.get_model_object("model_sampling").sigma_min)
-    offset = len(full) - len(sigmas)  # full-schedule index of sigmas[0]
+    recorder = SourceRecorder(samples.shape[0])
     attention_signature, options = inversion_signatures(model)
     # A model carrying attention patches (injection, uniform attention) is being set up for edits: keep
     # what they replay. A plain model's inversion costs exactly the stock sampler's model calls.
-    prepared_for_editing = bool(readers_of(model) or attention_signature)
-    record = {}
-
-    def inversion_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
-        # (kwargs: sampler options a later host may pass; a fixed DDIM step takes none)
-        n = len(sigmas) - 1
-        latents = [None] * (n + 1)
-        eps_at = [None] * (n + 1)
-        latents[n] = x
-        s_in = x.new_ones([x.shape[0]])
-        for step, j in enumerate(range(n, 0, -1)):
-            # Cancel takes effect here, every step, whatever the host's progress throttling sends.
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            # The clean latent sits at sigma 0, where eps is undefined: read it at the model's smallest sigma
-            # (no edit step evaluates there, so nothing is kept for replay).
-            sigma = float(sigmas[j]) if float(sigmas[j]) > 0 else sigma_floor
-            recorder.step = offset + j if float(sigmas[j]) > 0 else None
-            denoised = model_k(x, sigma * s_in, **(extra_args or {}))
-            eps = (x - denoised) / sigma
-            eps_at[j] = eps
-            x = x + (float(sigmas[j - 1]) - float(sigmas[j])) * eps
-            latents[j - 1] = x
-            if callback is not None:
-                callback({"x": x, "i": step, "sigma": sigmas[j - 1], "sigma_hat": sigmas[j - 1], "denoised": denoised})
-        if prepared_for_editing:
-            # One more call at the noisiest latent, where every edit starts: with it the handle holds every
-            # prediction a pinned source makes, so edits replay their source from step 0.
-            recorder.step = offset
-            eps_at[0] = (x - model_k(x, float(sigmas[0]) * s_in, **(extra_args or {}))) / float(sigmas[0])
-        else:
-            eps_at[0] = torch.full_like(x, float("nan"))
-        device = comfy.model_management.intermediate_device()
-        record["latents"] = torch.stack(latents).to(device)
-        record["eps"] = torch.stack(eps_at).to(device)
-        return x
-
-    guider = comfy.samplers.CFGGuider(m)
+    stepper = InversionStepper(float(model.get_model_object("model_sampling").sigma_min),
+                               predict_noisiest=bool(source_readers(model) or attention_signature))
+    run = EditRunContext(BranchLayout((INVERSION,), samples.shape[0]), full, recorder=recorder)
+    guider = comfy.samplers.CFGGuider(with_run(model, run))
     guider.set_conds(positive, negative if negative is not None else positive)
     guider.set_cfg(cfg)
-    zeros = torch.zeros_like(samples)
-    noisy = guider.sample(zeros, samples, comfy.samplers.KSAMPLER(inversion_sampler), sigmas, callback=callback,
-                          disable_pbar=True, seed=0)
+    noisy = guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(stepper), sigmas,
+                          callback=callback, disable_pbar=True, seed=0)
     kept = recorder.record
     kept.attention_signature, kept.options_signature = attention_signature, options
     kept.chunk_keys = {0: conditioning_key(positive)}
-    if abs(cfg - 1.0) > 1e-9:
+    if not is_unguided(cfg):
         kept.chunk_keys[1] = conditioning_key(negative if negative is not None else positive)
-    handle = InversionHandle(latents=record["latents"], sigmas=sigmas.clone(), eps=record["eps"], steps=steps,
-                             scheduler=scheduler, strength=strength, cfg=cfg, model_key=model_identity(model),
-                             conditioning_key=conditioning_key(positive), record=kept)
+    handle = InversionHandle(latents=stepper.latents, sigmas=sigmas.clone(), eps=stepper.eps, steps=steps,
+                             scheduler=scheduler, cfg=cfg, model_key=model_identity(model), record=kept)
     if kept.inputs:
         log.info("inversion kept %.1f MB of source attention inputs for edits to replay", kept.nbytes / 2**20)
     return noisy.to(comfy.model_management.intermediate_device()), handle

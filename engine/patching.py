@@ -7,9 +7,8 @@ from collections.abc import Callable
 import comfy.model_patcher
 from comfy.ldm.modules.attention import optimized_attention
 
-# (q, k, v, extra_options, **kwargs) -> out: the host's attn replace signature. Every patch of ours accepts
-# keyword arguments a later host may add and hands them on to the replace it wraps.
-AttnFn = Callable
+from .contract import AttentionCall, AttentionPatch, Compute
+
 SUPPORTED_FAMILIES = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
 
 
@@ -26,7 +25,11 @@ def unet_of(model: comfy.model_patcher.ModelPatcher):
 
 def transformer_blocks(model) -> list[tuple[str, int, int]]:
     """(block name, block number, transformer index) of every transformer block, in execution order."""
-    unet = unet_of(model)
+    return unet_transformer_blocks(unet_of(model))
+
+
+def unet_transformer_blocks(unet) -> list[tuple[str, int, int]]:
+    """transformer_blocks of a bare UNet module (the host's block keys for attention patches)."""
     keys = []
     for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]),
                          ("output", unet.output_blocks)):
@@ -45,18 +48,19 @@ def default_attention(q, k, v, extra_options, **kwargs):
                                transformer_options=extra_options)
 
 
-def add_attention_replace(model: comfy.model_patcher.ModelPatcher, attn: str,
-                          make_patch: Callable[[AttnFn], AttnFn],
+def add_attention_replace(model: comfy.model_patcher.ModelPatcher, attn: str, method: str, compute: Compute,
                           select: Callable[[tuple[str, int, int]], bool] = lambda key: True,
-                          effect: Callable[[str], object] | None = None) -> int:
-    """Register `make_patch(previous)` on every selected block of a (cloned) model; returns the count.
+                          effect: Callable[[str], object] | None = None, reads_source: tuple[str, ...] = (),
+                          reader: str | None = None, active: Callable[[AttentionCall], bool] | None = None) -> int:
+    """Register an AttentionPatch of `compute` on every selected block of a (cloned) model; returns the count.
 
-    `previous` is the replace another node already set on that block, or the default attention, so
-    packs compose: our patch calls it instead of overwriting it.
-    effect(branch) says what the patch does to that branch's rows: None when it leaves them as the
-    host computes them, else a value naming the change (equal values = the same change). Source
-    replay compares these between the inversion's model and the edit's. Without it the patch counts
-    as changing every branch, each in its own way.
+    Each patch wraps the replace another node already set on that block, or the default attention, so
+    packs compose: it calls that one instead of overwriting it. effect(branch) says what the patch does
+    to that branch's rows: None when it leaves them as the host computes them, else a value naming the
+    change (equal values = the same change); source replay compares these between the inversion's model
+    and the edit's. Without it the patch counts as changing every branch, each in its own way. A patch
+    that reads the source branch names its inputs (`reads_source`), its `reader` id and where it reads
+    (`active`): the inversion keeps exactly that, and the edit hands it in (engine/contract.py).
     """
     if attn not in ("attn1", "attn2"):
         raise ValueError(attn)
@@ -67,12 +71,15 @@ def add_attention_replace(model: comfy.model_patcher.ModelPatcher, attn: str,
         if not select(key):
             continue
         previous = existing.get(key, existing.get(key[:2], default_attention))
-        patch = make_patch(previous)
-        patch.attn_edit_previous = previous
-        patch.attn_edit_effect = effect if effect is not None else (lambda branch, p=patch: ("patch", id(p), branch))
+        patch = AttentionPatch(method=method, compute=compute, previous=previous, effect=effect,
+                               reads_source=reads_source, reader=reader, active=active or (lambda call: True))
         setter(patch, key[0], key[1], key[2])
         count += 1
     return count
+
+
+def _replaces(model) -> dict:
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {})
 
 
 def branch_attention_signature(model: comfy.model_patcher.ModelPatcher, branch: str) -> tuple:
@@ -82,24 +89,34 @@ def branch_attention_signature(model: comfy.model_patcher.ModelPatcher, branch: 
     pack's own patches report their effect; any other replace counts by identity (the same function
     object on both models means the same patch, e.g. one set upstream of both).
     """
-    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {})
     signature = []
     for attn in ("attn1", "attn2"):
-        existing = replaces.get(attn, {})
+        existing = _replaces(model).get(attn, {})
         for key in transformer_blocks(model):
             fn = existing.get(key, existing.get(key[:2]))
+            if fn is None:
+                continue
             effects = []
-            while fn is not None and fn is not default_attention:
-                if not hasattr(fn, "attn_edit_previous"):
-                    effects.append(("foreign", id(fn)))
-                    break
-                change = fn.attn_edit_effect(branch)
-                if change is not None:
-                    effects.append(change)
-                fn = fn.attn_edit_previous
+            for link in (fn.chain() if isinstance(fn, AttentionPatch) else [fn]):
+                if isinstance(link, AttentionPatch):
+                    change = ("patch", id(link), branch) if link.effect is None else link.effect(branch)
+                    if change is not None:
+                        effects.append(change)
+                elif link is not default_attention:
+                    effects.append(("foreign", id(link)))
             if effects:
                 signature.append((attn, key, tuple(effects)))
     return tuple(signature)
+
+
+def source_readers(model) -> set[str]:
+    """Reader ids of the pack's patches on the model that read the source branch's attention inputs."""
+    found = set()
+    for table in _replaces(model).values():
+        for fn in table.values():
+            if isinstance(fn, AttentionPatch):
+                found |= {link.reader for link in fn.chain() if isinstance(link, AttentionPatch) and link.reader}
+    return found
 
 
 def options_signature(model: comfy.model_patcher.ModelPatcher, ignore: tuple[str, ...] = ()) -> tuple:

@@ -7,13 +7,13 @@ import dataclasses
 import logging
 import math
 
+import comfy.patcher_extension
 import torch
 
 from ..attention.blocks import block_selected, parse_block_spec
-from ..attention.regulation import RegulationParams, gaussian_basis, map_size, regulate
-from ..attention.schedule import step_position
+from ..attention.regulation import RegulationParams, gaussian_basis, regulate
 from .patching import add_attention_replace, transformer_blocks, unet_of
-from .tokens import prompt_words
+from .tokens import occurrences, parse_words, prompt_words
 
 log = logging.getLogger("attention_edit")
 
@@ -59,16 +59,6 @@ class TokenPlan:
         return [expand(g) for g in self.groups], expand(self.keep)
 
 
-def _parse_words(target_words: str) -> list[str]:
-    words, seen = [], set()
-    for word in (target_words or "").split(","):
-        word = " ".join(word.split())
-        if word and word.lower() not in seen:
-            seen.add(word.lower())
-            words.append(word)
-    return words
-
-
 def _token_ids(chunks) -> list[list[int | None]]:
     """Token ids per chunk (None for embedding vectors, which match no word)."""
     return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in chunks]
@@ -79,7 +69,7 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
     tokenizer (every text encoder the model has: SDXL's two see the same positions). A word made of
     several tokens is one target (all of its tokens). None when there are no target words; a
     ValueError naming the word and listing the prompt's words when one is not in the prompt."""
-    words = _parse_words(target_words)
+    words = parse_words(target_words)
     if not words:
         return None
     if clip is None:
@@ -108,13 +98,8 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
         for word in words:
             word_ids = _token_ids(clip.tokenize(word)[key])[0]
             word_ids = word_ids[1 : word_ids.index(end, 1)] if end in word_ids[1:] else word_ids[1:]
-            found = []
-            if word_ids and None not in word_ids:
-                size = len(word_ids)
-                for c, chunk in enumerate(ids):
-                    for i in range(1, ends[c] - size + 1):
-                        if chunk[i : i + size] == word_ids:
-                            found += [(c, i + j) for j in range(size)]
+            found = [(c, i + j) for c, chunk in enumerate(ids) for i in occurrences(chunk, word_ids, 1, ends[c])
+                     for j in range(len(word_ids))]
             if not found:
                 missing.append(word)
             groups.append(tuple(found))
@@ -186,28 +171,15 @@ def regulation_layers(model, blocks: str = DEFAULT_BLOCKS, map_side: float = DEF
     return chosen
 
 
-def cond_rows(cond_or_uncond, batch: int) -> list[int]:
-    """Rows of a model call that belong to conditional chunks (cond_or_uncond: 0 = cond, 1 = uncond)."""
-    if not cond_or_uncond:
-        return []
-    per = batch // len(cond_or_uncond)
-    return [c * per + r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(per)]
-
-
 class _RunState:
-    """The previous step's smoothed bias per layer, for one sampling run (reset when a new run starts:
-    other schedule tensor, or the step index going back)."""
+    """The previous step's smoothed bias per layer, for one sampling run: reset by an OUTER_SAMPLE
+    wrapper when a run starts (the host's per-run hook)."""
 
     def __init__(self):
-        self.sigmas = None
-        self.step = -1
         self.layers: dict = {}
 
-    def begin(self, extra_options: dict, step: int) -> None:
-        sigmas = extra_options.get("sample_sigmas")
-        if sigmas is not self.sigmas or step < self.step:
-            self.sigmas, self.layers = sigmas, {}
-        self.step = step
+    def reset(self) -> None:
+        self.layers = {}
 
     def previous(self, key, step: int):
         """The bias of this layer's latest earlier step (a layer may run twice in one step)."""
@@ -257,35 +229,31 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
             bases[key] = gaussian_basis(hw[0], hw[1], device=device)
         return bases[key]
 
-    def make_patch(previous):
-        def regulated_cross_attention(q, k, v, extra_options, **kwargs):
-            pos = step_position(extra_options)
-            if pos is None or not pos[0] < end_percent * pos[1]:
-                return previous(q, k, v, extra_options, **kwargs)
-            step = pos[0]
-            rows = cond_rows(extra_options.get("cond_or_uncond"), q.shape[0])
-            shape = extra_options.get("original_shape")
-            hw = None if shape is None else map_size(q.shape[1], shape[-2], shape[-1])
-            if not rows or hw is None:
-                return previous(q, k, v, extra_options, **kwargs)
-            groups, keep = context_positions(k.shape[1], q.device)
-            block = extra_options.get("block")
-            key = (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
-            state.begin(extra_options, step)
-            if k.shape[0] != q.shape[0]:
-                k, v = k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1)
-            index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
-            out_rows, bias = regulate(q[index], k[index], v[index], extra_options["n_heads"], groups, keep, hw, step,
-                                      state.previous(key, step), params, basis=basis_for(hw, q.device))
-            state.store(key, step, bias)
-            if len(rows) == q.shape[0]:
-                return out_rows
-            out = previous(q, k, v, extra_options, **kwargs).clone()
-            out[index] = out_rows.to(out.dtype)
-            return out
+    def regulated_cross_attention(call, q, k, v, previous, source):
+        if call.step is None or not call.step[0] < end_percent * call.step[1]:
+            return previous(q, k, v)
+        step = call.step[0]
+        rows = call.cond_rows()
+        if not rows or call.map_hw is None:
+            return previous(q, k, v)
+        groups, keep = context_positions(k.shape[1], q.device)
+        if k.shape[0] != q.shape[0]:
+            k, v = k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1)
+        index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+        out_rows, bias = regulate(q[index], k[index], v[index], call.heads, groups, keep, call.map_hw, step,
+                                  state.previous(call.block, step), params, basis=basis_for(call.map_hw, q.device))
+        state.store(call.block, step, bias)
+        if len(rows) == q.shape[0]:
+            return out_rows
+        out = previous(q, k, v).clone()
+        out[index] = out_rows.to(out.dtype)
+        return out
 
-        return regulated_cross_attention
+    def new_run(executor, *args, **kwargs):
+        state.reset()
+        return executor(*args, **kwargs)
 
-    add_attention_replace(m, "attn2", make_patch, lambda key: key in layers)
+    add_attention_replace(m, "attn2", "attention regulation", regulated_cross_attention, lambda key: key in layers)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "attn_edit_regulation", new_run)
     log.debug("attention regulation on %d layers for %s", len(layers), ", ".join(plan.words))
     return m

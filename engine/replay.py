@@ -19,27 +19,18 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import torch
 
-from ..attention.layout import INVERSION, LAYOUT_KEY, SOURCE
-from ..attention.schedule import SCHEDULE_KEY
-from .patching import branch_attention_signature, options_signature
+from ..attention.layout import INVERSION, SOURCE
+from .contract import RUN_KEY, AttentionCall, is_unguided
+from .patching import branch_attention_signature, options_signature, source_readers
 
-RECORDER_KEY = "attn_edit_source_recorder"  # published during inversion
-REPLAY_KEY = "attn_edit_source_replay"  # published during an edit that replays the source
-RUN_KEYS = (RECORDER_KEY, REPLAY_KEY, LAYOUT_KEY, SCHEDULE_KEY)  # per-run data, not part of the model
+RUN_KEYS = (RUN_KEY,)  # per-run data (the run wrapper), not part of the model
 
 
-def block_key(extra_options: dict) -> tuple:
-    block = extra_options.get("block")
-    return (block[0], block[1], extra_options.get("block_index", 0)) if block is not None else None
-
-
-def chunk_kinds(extra_options: dict, batch: int, rows_per_chunk: int) -> list[int]:
-    """Per chunk of this call: 0 = conditional, 1 = unconditional (ComfyUI's cond_or_uncond)."""
-    kinds = list(extra_options.get("cond_or_uncond", [0]))
-    if len(kinds) * rows_per_chunk != batch:
-        raise RuntimeError(f"attention-edit: a batch of {batch} rows does not split into {len(kinds)} chunks of "
-                           f"{rows_per_chunk}")
-    return kinds
+def _chunk_kinds(call: AttentionCall, rows_per_chunk: int) -> tuple[int, ...]:
+    if len(call.chunks) * rows_per_chunk != call.batch:
+        raise RuntimeError(f"attention-edit: a batch of {call.batch} rows does not split into {len(call.chunks)} "
+                           f"chunks of {rows_per_chunk}")
+    return call.chunks
 
 
 @dataclass
@@ -62,37 +53,34 @@ class SourceRecord:
 
 
 class SourceRecorder:
-    """Published in transformer_options during inversion; readers hand it their source inputs."""
+    """An inversion's run context holds it; readers hand it their source inputs (engine/contract.py)."""
 
     def __init__(self, images: int):
         self.images = images
-        self.step: int | None = None  # set by the inversion loop; None where no edit evaluates
         self.record = SourceRecord()
         self.device = comfy.model_management.intermediate_device()
 
-    def keep(self, reader: str, extra_options: dict, inputs: dict[str, torch.Tensor]) -> None:
+    def keep(self, reader: str, call: AttentionCall, inputs: dict[str, torch.Tensor]) -> None:
         self.record.readers.add(reader)
-        if self.step is None or not inputs:
+        if not call.exact_step or not inputs:  # e.g. the clean latent's call, which no edit step makes
             return
-        batch = next(iter(inputs.values())).shape[0]
-        for c, kind in enumerate(chunk_kinds(extra_options, batch, self.images)):
+        for c, kind in enumerate(_chunk_kinds(call, self.images)):
             rows = slice(c * self.images, (c + 1) * self.images)
-            key = (reader, block_key(extra_options), self.step, kind)
+            key = (reader, call.block, call.step[0], kind)
             self.record.inputs[key] = {name: t[rows].to(self.device, copy=True) for name, t in inputs.items()}
 
 
 class ReplayStore:
-    """Published in transformer_options during an edit that replays the source branch."""
+    """An edit's run context holds it when the source branch is replayed."""
 
     def __init__(self, record: SourceRecord, kind_map: dict[int, int], rows_per_chunk: int):
         self.record, self.kind_map, self.rows_per_chunk = record, kind_map, rows_per_chunk
-        self.step: int | None = None  # set by the branch sampler before each model call
 
-    def source_inputs(self, reader: str, extra_options: dict, batch: int, names, like: torch.Tensor):
+    def source_inputs(self, reader: str, call: AttentionCall, names, like: torch.Tensor):
         """The source's inputs for every target row of this call (chunk by chunk, image by image)."""
         parts = []
-        for kind in chunk_kinds(extra_options, batch, self.rows_per_chunk):
-            key = (reader, block_key(extra_options), self.step, self.kind_map[kind])
+        for kind in _chunk_kinds(call, self.rows_per_chunk):
+            key = (reader, call.block, call.step[0], self.kind_map[kind])
             kept = self.record.inputs.get(key)
             if kept is None:
                 raise RuntimeError(f"attention-edit: the inversion kept no source attention for {key}; "
@@ -114,19 +102,6 @@ class ReplayPlan:
         return self.branches + self.unused
 
 
-def readers_of(model) -> set[str]:
-    """Ids of the pack's patches on the model that read the source branch's attention inputs."""
-    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {})
-    found = set()
-    for table in replaces.values():
-        for fn in table.values():
-            while fn is not None:
-                if getattr(fn, "attn_edit_reader", None):
-                    found.add(fn.attn_edit_reader)
-                fn = getattr(fn, "attn_edit_previous", None)
-    return found
-
-
 def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float, pinned: set[str],
                 source_prediction_read: bool = False) -> ReplayPlan:
     """Which branches an edit may replay from `handle` instead of running them.
@@ -138,7 +113,7 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
     plan = ReplayPlan()
     record = getattr(handle, "record", None)
     branches = dict(branches)
-    readers = readers_of(model)
+    readers = source_readers(model)
     for name in [b for b in branches if b not in pinned]:
         plan.reasons[name] = f"the {name} branch is not pinned to the inversion trajectory"
         del branches[name]
@@ -154,9 +129,9 @@ def plan_replay(model, handle, branches: dict[str, tuple[str, str]], cfg: float,
         plan.reasons.update({b: "the model options (wrappers, cfg functions, patches) differ from the inversion's"
                              for b in branches})
         return plan
-    inversion_cfg1 = abs(handle.cfg - 1.0) < 1e-9
+    inversion_cfg1 = is_unguided(handle.cfg)
     # The chunks each branch evaluates: conditional always; unconditional unless the host skips it at cfg 1.
-    cond_only = abs(cfg - 1.0) < 1e-9 and not model.model_options.get("disable_cfg1_optimization", False)
+    cond_only = is_unguided(cfg) and not model.model_options.get("disable_cfg1_optimization", False)
     for name, (positive, negative) in branches.items():
         if branch_attention_signature(model, name) != record.attention_signature:
             plan.reasons[name] = f"the {name} branch's attention is patched differently from the inversion's"

@@ -1,8 +1,10 @@
 """Finding words of a prompt among its tokens, through the model's own CLIP tokenizer.
 
-Positions are indices into the first 77-token chunk of the encoded prompt (index 0 is the start
-token). A word may span several tokens ("watermelon" is one, rare words are more). SDXL's two
-encoders share CLIP's BPE vocabulary, so the first tokenizer's positions serve both.
+The one word finder of the pack: the instant mask and attention regulation both name words through
+it. Positions are indices into a 77-token chunk of the encoded prompt (index 0 is the start token; the
+instant mask reads the first chunk, regulation every chunk). A word may span several tokens
+("watermelon" is one, rare words are more). SDXL's two encoders share CLIP's BPE vocabulary, so the
+first tokenizer's positions serve both.
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ def _word_ids(clip, word: str) -> list[int]:
     return [t for t in _token_ids(clip, word) if t not in (start, end)]
 
 
+def occurrences(sequence: list, part: list, begin: int = 0, stop: int | None = None) -> list[int]:
+    """Every start index of `part` in sequence[begin:stop] (token ids; None never matches)."""
+    stop = len(sequence) if stop is None else stop
+    if not part or None in part:
+        return []
+    return [i for i in range(begin, stop - len(part) + 1) if sequence[i:i + len(part)] == part]
+
+
 def _find(sequence: list[int], part: list[int], begin: int = 0) -> int:
-    for i in range(begin, len(sequence) - len(part) + 1):
-        if sequence[i:i + len(part)] == part:
-            return i
-    return -1
+    found = occurrences(sequence, part, begin)
+    return found[0] if found else -1
 
 
 def word_positions(clip, prompt: str, words: list[str]) -> list[list[int]]:
@@ -75,5 +83,11 @@ def prompt_word_positions(clip, prompt: str) -> list[list[int]]:
 
 
 def parse_words(text: str) -> list[str]:
-    """The user's comma-separated words or phrases."""
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
+    """The user's comma-separated words or phrases: white space folded, each named once (case aside)."""
+    words, seen = [], set()
+    for word in (text or "").split(","):
+        word = " ".join(word.split())
+        if word and word.lower() not in seen:
+            seen.add(word.lower())
+            words.append(word)
+    return words

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..attention.blocks import block_selected, parse_block_spec
-from ..attention.layout import AUX, INVERSION, read_layout
-from ..attention.schedule import in_step_window
+from ..attention.layout import AUX, INVERSION
 from ..attention.uniform import uniform_attention
 from .patching import add_attention_replace
 
@@ -23,28 +22,25 @@ def apply_uniform_attention(model, scope: str = SCOPE_ALL, start: float = 0.0, e
     ranges = parse_block_spec(blocks)
     m = model.clone()
 
-    def make_patch(previous):
-        def uniform_cross_attention(q, k, v, extra_options, **kwargs):
-            if not in_step_window(extra_options, start, end):
-                return previous(q, k, v, extra_options, **kwargs)
-            if scope == SCOPE_ALL:
-                return uniform_attention(v, q.shape[1])
-            layout = read_layout(extra_options)
-            rows = [] if layout is None else layout.rows(INVERSION, q.shape[0]) + layout.rows(AUX, q.shape[0])
-            if not rows:
-                return previous(q, k, v, extra_options, **kwargs)
-            if len(rows) == q.shape[0]:
-                return uniform_attention(v, q.shape[1])
-            out = previous(q, k, v, extra_options, **kwargs).clone()
-            out[rows] = uniform_attention(v[rows], q.shape[1]).to(out.dtype)
-            return out
-        return uniform_cross_attention
+    def uniform_cross_attention(call, q, k, v, previous, source):
+        if not call.in_window(start, end):
+            return previous(q, k, v)
+        if scope == SCOPE_ALL:
+            return uniform_attention(v, q.shape[1])
+        rows = call.rows(INVERSION) + call.rows(AUX)
+        if not rows:
+            return previous(q, k, v)
+        if len(rows) == q.shape[0]:
+            return uniform_attention(v, q.shape[1])
+        out = previous(q, k, v).clone()
+        out[rows] = uniform_attention(v[rows], q.shape[1]).to(out.dtype)
+        return out
 
     def effect(branch):
         return ("uniform", start, end) if scope == SCOPE_ALL or branch in (INVERSION, AUX) else None
 
-    count = add_attention_replace(m, "attn2", make_patch, lambda key: block_selected(ranges, key[0], key[1]),
-                                  effect=effect)
+    count = add_attention_replace(m, "attn2", "uniform", uniform_cross_attention,
+                                  lambda key: block_selected(ranges, key[0], key[1]), effect=effect)
     if count == 0:
         raise ValueError(f"the block selection '{blocks}' matches no cross-attention block of this model")
     return m

@@ -6,6 +6,7 @@ import functools
 import math
 
 import comfy.model_patcher
+import comfy.samplers
 import torch
 from comfy_api.latest import io
 
@@ -13,6 +14,8 @@ from ..attention.blocks import parse_block_spec
 from ..engine.handle import InversionHandle
 
 CATEGORY = "attention_edit"
+SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
+DEFAULT_SCHEDULER = "ddim_uniform"  # DDIM's evenly spaced timesteps (t = 1, 21, ..., 981 at 50 steps)
 Inversion = io.Custom("ATTN_EDIT_INVERSION")
 MaskStrategy = io.Custom("ATTN_EDIT_MASK_STRATEGY")
 
@@ -106,3 +109,12 @@ def check_socket(value, kind: str, input_name: str, node: str) -> None:
     if not ok:
         raise ValueError(f"{node}: '{input_name}' must be connected to a {kind} output, got {type(value).__name__} "
                          f"{str(value)[:40]!r}")
+
+
+def image_mask(latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A MASK (batch, height, width) at image resolution from a latent-resolution mask or all ones."""
+    b, _, h, w = latent.shape
+    if mask is None:
+        return torch.ones(b, h * 8, w * 8)
+    mask = mask.float().reshape(b, 1, *mask.shape[-2:])
+    return torch.nn.functional.interpolate(mask, size=(h * 8, w * 8), mode="nearest").reshape(b, h * 8, w * 8)

@@ -10,8 +10,18 @@ from ..attention.layout import AUX, SOURCE, TARGET
 from ..engine.branches import Branch, sample_branches
 from ..engine.inversion import check_latent_fits, schedule
 from ..engine.masks import FixedMaskStrategy
-from .common import CATEGORY, Inversion, MaskStrategy, check_conditioning, check_socket, check_widgets, latent_output
-from .inversion import DEFAULT_SCHEDULER, SCHEDULERS, image_mask
+from .common import (
+    CATEGORY,
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    Inversion,
+    MaskStrategy,
+    check_conditioning,
+    check_socket,
+    check_widgets,
+    image_mask,
+    latent_output,
+)
 
 log = logging.getLogger("attention_edit")
 

@@ -1,15 +1,19 @@
-import comfy.samplers
 import latent_preview
-import torch
 from comfy_api.latest import io
 
 from ..attention.layout import SOURCE
 from ..engine.branches import Branch, sample_branches
 from ..engine.inversion import check_latent_fits, invert, inverted_part, schedule
-from .common import CATEGORY, Inversion, check_conditioning, check_socket, check_widgets, latent_output
-
-SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
-DEFAULT_SCHEDULER = "ddim_uniform"  # DDIM's evenly spaced timesteps (t = 1, 21, ..., 981 at 50 steps)
+from .common import (
+    CATEGORY,
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    Inversion,
+    check_conditioning,
+    check_socket,
+    check_widgets,
+    latent_output,
+)
 
 
 class DDIMInversion(io.ComfyNode):
@@ -116,12 +120,3 @@ class InversionReconstruct(io.ComfyNode):
                               inversion.images, trajectory=inversion.latents, pin=(SOURCE,) if pin_source else (),
                               callback=callback, handle=inversion)  # pinned: the trajectory, nothing to run
         return io.NodeOutput(latent_output(run.latents[SOURCE]))
-
-
-def image_mask(latent: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A MASK (batch, height, width) at image resolution from a latent-resolution mask or all ones."""
-    b, _, h, w = latent.shape
-    if mask is None:
-        return torch.ones(b, h * 8, w * 8)
-    mask = mask.float().reshape(b, 1, *mask.shape[-2:])
-    return torch.nn.functional.interpolate(mask, size=(h * 8, w * 8), mode="nearest").reshape(b, h * 8, w * 8)

@@ -1,4 +1,4 @@
-"""Loader for the pack's own toy-world model (engine/toymodel.py), the embedded default of `make demo`."""
+"""Loader for the pack's own toy-world model (toyworld/model.py), the embedded default of `make demo`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pathlib
 
 from comfy_api.latest import io
 
-from ..engine.toymodel import RANDOM_FILE_NAME, TRAINED_FILE_NAME, is_toy_file, load_toy
+from ..toyworld.model import RANDOM_FILE_NAME, TRAINED_FILE_NAME, is_toy_file, load_toy
 from .common import CATEGORY
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "models"
@@ -37,7 +37,7 @@ def model_path(model_name: str) -> pathlib.Path:
             f"Toy-world model {model_name!r} not found in {MODELS_DIR}. The trained model ships with the pack as "
             f"models/{TRAINED_FILE_NAME}; until it exists, run `make demo` in the attention-edit folder (it writes "
             f"a seeded random-weight models/{RANDOM_FILE_NAME}) or call "
-            f"engine.toymodel.make_random_toy_file(path) yourself.")
+            f"toyworld.model.make_random_toy_file(path) yourself.")
     if not is_toy_file(path):
         raise ValueError(f"{path} is not an attention-edit toy-world model (no 'attention_edit_toy' metadata)")
     return path

@@ -65,7 +65,7 @@ def main() -> int:
     log.addHandler(console)
     comfy_host.add_host_to_path()
     comfy_host.register_pack()
-    from attention_edit.engine.toymodel import demo_model_file
+    from attention_edit.toyworld.model import demo_model_file
 
     model_path = pathlib.Path(demo_model_file(str(REPO / "models")))
     log.info("model: %s", model_path.name)

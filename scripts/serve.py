@@ -18,7 +18,7 @@ def main() -> None:
     args = parser.parse_args()
     comfy_host.add_host_to_path()
     comfy_host.register_pack()
-    from attention_edit.engine.toymodel import demo_model_file
+    from attention_edit.toyworld.model import demo_model_file
 
     demo_model_file(str(REPO / "models"))
     base = pathlib.Path.home() / ".cache" / "attention-edit" / "serve-base"

@@ -1,4 +1,5 @@
-"""Test set-up: the ComfyUI host on sys.path, and the pack importable as `attention_edit`.
+"""Test set-up: the ComfyUI host on sys.path, the pack importable as `attention_edit`, and the
+repository root's packages (`fixtures`, `toyworld`, `bench`) importable.
 
 The pack is registered as a package without running its __init__ (which needs the host's API), the
 way the pure modules are meant to be importable; host tests load __init__ through ComfyUI itself.
@@ -17,6 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # last: the pack's nodes/ folder must not hide the host's `nodes` module
 
 import comfy_host  # noqa: E402
 

@@ -4,12 +4,12 @@ import nodes as comfy_nodes
 import pytest
 import torch
 
-import tiny
 from attention_edit.engine.patching import transformer_blocks
 from attention_edit.nodes.edit_sampler import EditSampler
 from attention_edit.nodes.injection import SelfAttentionInjection
 from attention_edit.nodes.inversion import DDIMInversion
 from attention_edit.nodes.uniform_attention import UniformAttention
+from fixtures import tiny
 
 STEPS = 10
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from attention_edit.attention.blocks import block_selected, map_side_ratio, parse_block_spec
+from attention_edit.attention.blocks import block_selected, map_size, parse_block_spec
 from attention_edit.attention.injection import FPE, MASACTRL, source_inputs, substitute_inputs
-from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout, read_layout
-from attention_edit.attention.schedule import SCHEDULE_KEY, in_step_window, step_position
+from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout
+from attention_edit.attention.schedule import position_in_schedule
 from attention_edit.attention.uniform import uniform_attention
 
 
@@ -69,8 +69,6 @@ def test_layout_rows_per_chunk_and_call():
     assert layout.rows(AUX, 12) == [4, 5, 10, 11]  # cond and uncond chunks in one call
     assert layout.rows("missing", 6) == []
     assert layout.rows(SOURCE, 5) == []  # not this layout's call
-    assert read_layout({"attn_edit_layout": layout.as_options()}) == layout
-    assert read_layout({}) is None
 
 
 def test_block_spec_parsing_and_errors():
@@ -83,15 +81,11 @@ def test_block_spec_parsing_and_errors():
     for bad in ("bogus", "input:x", "output:5-3"):
         with pytest.raises(ValueError):
             parse_block_spec(bad)
-    assert map_side_ratio(16 * 16, (1, 4, 64, 64)) == 0.25
+    assert map_size(16 * 16, 64, 64) == (16, 16) and map_size(3 * 3, 20, 20) == (3, 3)  # 20 -> 10 -> 5 -> 3
 
 
-def test_step_position_and_window():
+def test_position_in_schedule():
     sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
-    opts = {"sample_sigmas": sigmas, "sigmas": torch.tensor([2.0])}
-    assert step_position(opts) == (2, 4)
-    # A published full schedule wins over the (partial) sample_sigmas.
-    opts[SCHEDULE_KEY] = [20.0, 10.0, 5.0, 2.0, 1.0, 0.0]
-    assert step_position(opts) == (3, 5)
-    assert in_step_window(opts, 0.0, 0.8) and not in_step_window(opts, 0.0, 0.6)
-    assert step_position({}) is None and in_step_window({}, 0.2, 0.4)
+    assert position_in_schedule(sigmas, torch.tensor([2.0])) == (2, 4, True)
+    assert position_in_schedule(sigmas, torch.tensor([0.03])) == (3, 4, False)  # the model's smallest sigma
+    assert position_in_schedule(None, torch.tensor([2.0])) is None and position_in_schedule(sigmas, None) is None

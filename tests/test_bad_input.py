@@ -10,12 +10,12 @@ import torch
 from test_attention_control import STEPS, edit, inject, invert, uniform
 from test_regulation import clip_for
 
-import tiny
 from attention_edit.engine.regulation import find_target_tokens
 from attention_edit.nodes import NODES
 from attention_edit.nodes.edit_sampler import EditSampler
 from attention_edit.nodes.inversion import DDIMInversion
 from attention_edit.nodes.masks import AdaptiveMask, InstantMask
+from fixtures import tiny
 
 
 def widgets(node):

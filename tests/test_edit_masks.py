@@ -4,10 +4,10 @@ import pytest
 import torch
 from test_attention_control import STEPS, invert
 
-import tiny
 from attention_edit.nodes.edit_sampler import EditSampler
 from attention_edit.nodes.masks import AdaptiveMask
 from attention_edit.nodes.uniform_attention import UniformAttention
+from fixtures import tiny
 
 
 def edit(model, source, target, negative, handle, mask_strategy=None, mask=None):
@@ -86,23 +86,30 @@ def test_adaptive_strategy_blends_target_with_aux_outside_a_known_edit():
     model_sampling = tiny.build("sd15").get_model_object("model_sampling")
     sigmas = torch.tensor([0.5, 0.2, 0.0])  # both steps below sigma(t=200)
     strategy = AdaptiveMaskStrategy(lam=0.5, t_mask=200.0, dilation="edit_region", blend_source=True)
-    strategy.begin(layout, sigmas, None, model_sampling)
+    run = strategy.start(layout, sigmas, None, model_sampling)
     src = torch.zeros(1, 4, 8, 8)
     tgt = src.clone()
     tgt[..., 3:5, 3:5] = 2.0  # the edit
     aux = torch.full_like(src, 0.25)
-    out = strategy.blend_denoised(1, None, torch.cat([src, tgt, aux]))
+    out = run.blend_denoised(1, None, torch.cat([src, tgt, aux]))
     edit_region = torch.zeros(1, 4, 8, 8, dtype=torch.bool)
     edit_region[..., 2:6, 2:6] = True  # 2x2 change dilated 3x3
     assert torch.equal(out[1:2][edit_region], tgt[edit_region])
     assert torch.equal(out[1:2][~edit_region], aux[~edit_region])
     assert torch.equal(out[0:1][~edit_region], aux[~edit_region])  # the red line: source outside = aux
     assert torch.equal(out[2:3], aux)
-    assert torch.equal(strategy.final_mask()[0], edit_region[0, 0].float())
+    assert torch.equal(run.final_mask()[0], edit_region[0, 0].float())
     # Above T_mask nothing is blended.
-    strategy.begin(layout, torch.tensor([20.0, 10.0, 0.0]), None, model_sampling)
+    run = strategy.start(layout, torch.tensor([20.0, 10.0, 0.0]), None, model_sampling)
     same = torch.cat([src, tgt, aux])
-    assert torch.equal(strategy.blend_denoised(0, None, same), same) and strategy.final_mask() is None
+    assert torch.equal(run.blend_denoised(0, None, same), same) and run.final_mask() is None
+
+
+def runs_of(strategy) -> list:
+    """The runs a strategy starts (each sampling run gets its own state; the strategy keeps none)."""
+    runs, start = [], strategy.start
+    strategy.start = lambda *args: runs.append(start(*args)) or runs[-1]
+    return runs
 
 
 def instant(words=((1,), (2, 3), (4,), (5,)), edit_words=None, **settings):
@@ -114,6 +121,7 @@ def instant(words=((1,), (2, 3), (4,), (5,)), edit_words=None, **settings):
 def test_instant_mask_keeps_the_source_outside_its_final_mask_exactly(world):
     name, model, lat, empty, tgt, handle = world
     strategy = instant(edit_words=[1])
+    runs = runs_of(strategy)
     edited, source, mask = edit(model, empty, tgt, empty, handle, mask_strategy=strategy)
     assert (source - lat).abs().max() <= 1e-4
     latent_mask = torch.nn.functional.interpolate(mask[:, None], size=(16, 16), mode="nearest").bool()
@@ -122,7 +130,7 @@ def test_instant_mask_keeps_the_source_outside_its_final_mask_exactly(world):
     assert outside.any(), "the mask covers everything"
     assert (edited - lat)[outside].abs().max() <= 1e-4
     # Only the low-resolution maps are kept: one (images, tokens, h, w) buffer at a quarter of the side.
-    assert strategy.peak_stored == 1 * 77 * 4 * 4
+    assert runs[0].peak_stored == 1 * 77 * 4 * 4
 
 
 def test_instant_mask_memory_does_not_grow_with_steps():
@@ -133,10 +141,11 @@ def test_instant_mask_memory_does_not_grow_with_steps():
     for steps in (4, 12):
         _, handle = DDIMInversionRun(model, lat, empty, steps)
         strategy = instant()
+        runs = runs_of(strategy)
         EditSampler.execute(model=model, source=empty, target=tgt, negative=empty, cfg=7.5, steps=steps,
                             scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle,
                             mask_strategy=strategy)
-        peaks.append(strategy.peak_stored)
+        peaks.append(runs[0].peak_stored)
     assert peaks[0] == peaks[1] > 0
 
 
@@ -149,7 +158,7 @@ def DDIMInversionRun(model, lat, cond, steps):
 
 @pytest.fixture(scope="module")
 def toy_clip():
-    from attention_edit.engine.toymodel import build_toy, default_config
+    from attention_edit.toyworld.model import build_toy, default_config
 
     return build_toy(default_config())[1]
 

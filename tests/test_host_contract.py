@@ -17,10 +17,10 @@ import pytest
 import torch
 from comfy.ldm.modules.attention import optimized_attention
 
-import tiny
 from attention_edit.engine.patching import transformer_blocks
 from attention_edit.nodes.injection import SelfAttentionInjection
 from attention_edit.nodes.uniform_attention import UniformAttention
+from fixtures import tiny
 
 
 def parameters(fn) -> list[str]:

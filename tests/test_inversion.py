@@ -6,8 +6,8 @@ import nodes as comfy_nodes
 import pytest
 import torch
 
-import tiny
 from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
+from fixtures import tiny
 
 STEPS = 10
 

@@ -7,11 +7,13 @@ import nodes as comfy_nodes
 import pytest
 import torch
 
-import tiny
 from attention_edit.attention import regulation as R
+from attention_edit.attention.blocks import map_size
+from attention_edit.attention.heads import head_scores, heads_output
 from attention_edit.engine import regulation as E
 from attention_edit.engine.patching import default_attention, transformer_blocks
 from attention_edit.nodes.regulation import AttentionRegulation
+from fixtures import tiny
 
 STEPS = 6
 
@@ -74,7 +76,7 @@ def test_gaussian_basis_follows_the_paper():
     assert peak[2, 2] == 1.0 and torch.isclose(peak[2, 3], torch.tensor(math.exp(-0.5)))
     assert R.gaussian_basis(8, 8).shape == (49, 64) and R.gaussian_basis(32, 32).shape == (49, 1024)
     assert R.gaussian_basis(8, 16).shape == (3 * 7, 128)  # sigma from the width, centres inside each axis
-    assert R.map_size(256, 64, 64) == (16, 16) and R.map_size(8 * 12, 60, 90) == (8, 12) and R.map_size(7, 8, 8) is None
+    assert map_size(256, 64, 64) == (16, 16) and map_size(8 * 12, 60, 90) == (8, 12) and map_size(7, 8, 8) is None
 
 
 def test_upper_quantile_equals_torch_quantile():
@@ -90,7 +92,7 @@ def test_upper_quantile_equals_torch_quantile():
 def test_neglected_target_gets_a_high_attention_region_and_an_equal_share():
     heads = 2
     q, k, _ = synthetic_qkv(heads=heads)
-    scores = R.head_scores(q, k, heads)
+    scores = head_scores(q, k, heads)
     groups = [torch.tensor([5]), torch.tensor([8])]
     rest, grouped = R.group_logits(scores, groups)
     before = R.target_maps(rest, grouped, torch.zeros_like(grouped))
@@ -158,18 +160,18 @@ def test_regulate_outputs_the_regulated_attention_and_smooths_over_steps():
     groups, keep = [[5], [8]], [0, 10]
     out, s0 = R.regulate(q, k, v, heads, groups, keep, (16, 16), step=0, params=params)
     p = probs_of(out, heads)
-    p0 = R.head_scores(q, k, heads).softmax(-1).reshape(1, heads, 256, 77).transpose(1, 2)
+    p0 = head_scores(q, k, heads).softmax(-1).reshape(1, heads, 256, 77).transpose(1, 2)
     assert (p[..., 8].mean() > 5 * p0[..., 8].mean())  # the neglected target is attended to now
     torch.testing.assert_close(p[..., keep], p0[..., keep])
     torch.testing.assert_close(p.sum(-1), torch.ones_like(p.sum(-1)))
     # Step 3 with the previous step's bias: EMA 0.25 against it, scaled by 0.99 ** 3.
     _, s3 = R.regulate(q, k, v, heads, groups, keep, (16, 16), step=3, previous=s0 * 2, params=params)
-    best = R.optimise_bias(R.head_scores(q, k, heads), [torch.tensor(g) for g in groups], R.gaussian_basis(16, 16), params)
+    best = R.optimise_bias(head_scores(q, k, heads), [torch.tensor(g) for g in groups], R.gaussian_basis(16, 16), params)
     torch.testing.assert_close(s3, 0.25 * s0 * 2 + 0.75 * best)
     out3, _ = R.regulate(q, k, v, heads, groups, keep, (16, 16), step=3, previous=s0 * 2, params=params)
-    probs3 = R.regulated_probs(R.head_scores(q, k, heads), [torch.tensor(g) for g in groups], s3 * 0.99**3,
+    probs3 = R.regulated_probs(head_scores(q, k, heads), [torch.tensor(g) for g in groups], s3 * 0.99**3,
                                torch.tensor(keep))
-    torch.testing.assert_close(out3, R.heads_output(probs3, v, heads))
+    torch.testing.assert_close(out3, heads_output(probs3, v, heads))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -288,22 +290,15 @@ def test_only_conditional_rows_and_steps_in_the_window_change():
 
 def test_run_state_smooths_against_the_previous_step_and_resets_per_run():
     state = E._RunState()
-    sig = torch.linspace(1, 0, 5)
-    state.begin({"sample_sigmas": sig}, 0)
     assert state.previous("a", 0) is None
     state.store("a", 0, torch.tensor(1.0))
-    state.begin({"sample_sigmas": sig}, 1)
     assert state.previous("a", 1) == 1.0
     state.store("a", 1, torch.tensor(2.0))
     assert state.previous("a", 1) == 1.0  # a second call in the same step still sees step 0
     state.store("a", 1, torch.tensor(3.0))
-    state.begin({"sample_sigmas": sig}, 2)
     assert state.previous("a", 2) == 3.0
-    state.begin({"sample_sigmas": sig}, 0)  # the step index went back: a new run
+    state.reset()  # what the OUTER_SAMPLE wrapper does when a sampling run starts
     assert state.previous("a", 0) is None
-    state.store("a", 0, torch.tensor(1.0))
-    state.begin({"sample_sigmas": sig.clone()}, 1)  # another schedule: a new run
-    assert state.previous("a", 1) is None
 
 
 def unet_structure(family: str):
@@ -375,14 +370,13 @@ def test_node_in_a_stock_ksampler_on_every_family(world):
 
 
 def test_structural_map_sides_match_the_maps_seen_while_sampling(world):
-    from attention_edit.attention.blocks import map_side_ratio
-
     family, model, _, positive, negative, _ = world
     seen = {}
     m = model.clone()
     for key in transformer_blocks(model):
         def probe(q, k, v, extra, key=key):
-            seen[key] = map_side_ratio(q.shape[1], extra["original_shape"])
+            shape = extra["original_shape"]
+            seen[key] = map_size(q.shape[1], shape[-2], shape[-1])[0] / shape[-2]
             return default_attention(q, k, v, extra)
         m.set_model_attn2_replace(probe, *key)
     ksample(m, positive, negative, steps=1)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_attention_control import inject, uniform
 
-import tiny
 from attention_edit.attention.layout import AUX, SOURCE, TARGET
 from attention_edit.engine.branches import Branch, sample_branches
 from attention_edit.engine.inversion import invert, schedule
 from attention_edit.engine.masks import AdaptiveMaskStrategy
 from attention_edit.nodes.edit_sampler import EditSampler
+from fixtures import tiny
 
 STEPS = 8
 EXACT = 1e-4  # the bound on the latent difference in fp32

@@ -25,7 +25,9 @@
   than on the other one. Per-resolution numbers are reported as well.
 """
 
-from __future__ import annotations  # noqa: I001 (the host set-up import must come first)
+# ruff: noqa: E402 (run as a program, the host is set up before the imports that need it)
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
@@ -38,7 +40,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import train as _train  # first: puts the ComfyUI host on sys.path and registers the pack
+if __name__ == "__main__":  # python -m toyworld.evaluate; imported, this module sets nothing up (see toyworld.host)
+    from .host import setup_host
+
+    setup_host()
 
 import comfy.sample
 import numpy as np
@@ -46,11 +51,15 @@ import torch
 import torch.nn.functional as F
 
 import comfy_host
-from attention_edit.engine import toymodel
+from attention_edit.attention.heads import head_probabilities
 from attention_edit.engine.conditioning import stack_conditionings
+from attention_edit.engine.patching import unet_transformer_blocks
+from attention_edit.toyworld import model as toymodel
 
 from . import classifier, scenes
-from .train import CaptionTokens, attend, attention_probabilities, unet_transformer_keys
+from .training.attention import attend
+from .training.files import DEFAULT_OUT
+from .training.tokens import CaptionTokens
 
 log = logging.getLogger("attention_edit.toyworld.evaluate")
 
@@ -190,7 +199,7 @@ class _CrossAttentionCapture:
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        probs = attention_probabilities(q, k, heads)
+        probs = head_probabilities(q, k, heads)
         h, w = extra_options["activations_shape"][-2:]
         self.maps.append(probs.mean(dim=1).reshape(q.shape[0], h, w, -1).float().cpu())
         return attend(probs, v)
@@ -198,7 +207,7 @@ class _CrossAttentionCapture:
 
 def _patched(model, capture: _CrossAttentionCapture):
     patched = model.clone()
-    for key in unet_transformer_keys(patched.model.diffusion_model):
+    for key in unet_transformer_blocks(patched.model.diffusion_model):
         patched.set_model_attn2_replace(capture, *key)
     return patched
 
@@ -312,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = GenerationSettings()
     p = argparse.ArgumentParser(prog="python -m toyworld.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=pathlib.Path, default=_train.DEFAULT_OUT)
+    p.add_argument("--model", type=pathlib.Path, default=DEFAULT_OUT)
     p.add_argument("--n", type=int, default=64, help="held-out captions to generate (0: skip)")
     p.add_argument("--attention-n", type=int, default=32, help="held-out scenes for the attention check (0: skip)")
     p.add_argument("--steps", type=int, default=d.steps)

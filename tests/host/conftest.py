@@ -45,7 +45,7 @@ def write_model_files(base: pathlib.Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from attention_edit.engine.toymodel import demo_model_file
+    from attention_edit.toyworld.model import demo_model_file
 
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)

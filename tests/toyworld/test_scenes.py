@@ -1,15 +1,10 @@
 """Tests of the toy world: determinism, masks, captions, splits, edit pairs and the classifier."""
 
-import pathlib
-import sys
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
-
-from toyworld import classifier, scenes  # noqa: E402
+from toyworld import classifier, scenes
 
 N_CLASSIFIER_SCENES = 300
 N_PAIRS_PER_KIND = 15

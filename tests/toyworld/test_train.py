@@ -2,17 +2,21 @@
 run on a shrunken model, the saved file's round trip through ComfyUI's sampling path, and the
 scoring on rendered ground truth."""
 
-import pathlib
-import sys
+import numpy as np
+import pytest
+import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository root
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from attention_edit.engine import toymodel  # noqa: E402
-from toyworld import evaluate, scenes, train  # noqa: E402
+from attention_edit.engine.patching import unet_transformer_blocks
+from attention_edit.toyworld import model as toymodel
+from toyworld import evaluate, scenes
+from toyworld.training.attention import sdpa_override
+from toyworld.training.data import render_batch, take, train_scenes
+from toyworld.training.files import MAX_FILE_BYTES
+from toyworld.training.optim import Budget, lr_at
+from toyworld.training.settings import TrainSettings, training_config
+from toyworld.training.tokens import CaptionTokens
+from toyworld.training.unet import LatentPool, UNetTrainer, run_unet_stage, zero_init_residual_outputs
+from toyworld.training.vae import VAETrainer, encode_means, run_vae_stage
 
 IMAGE = 64  # the shrunken model works on 64 px images (8x8 latents) to keep the tests fast
 
@@ -28,10 +32,10 @@ def small_config() -> toymodel.ToyConfig:
     return config
 
 
-def small_settings(**overrides) -> train.TrainSettings:
+def small_settings(**overrides) -> TrainSettings:
     values = dict(vae_batch=4, vae_render=32, batch=8, lr=1e-3, warmup_steps=1, pool=16, refresh=2, vae_scale_samples=16)
     values.update(overrides)
-    return train.TrainSettings(**values)
+    return TrainSettings(**values)
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +52,25 @@ def trained_file(tmp_path_factory, config):
     model, clip, vae = toymodel.build_toy(config, seed=0)
     info = {"trained": True, "seed": settings.seed}
     # 4 VAE steps: 3 on 32 px scenes, the last (vae_full_fraction 0.25) on full-size ones.
-    info["vae"] = train.run_vae_stage(config, vae, settings, train.Budget(None, 4), torch.device("cpu"), log_every=1)
+    info["vae"] = run_vae_stage(config, vae, settings, Budget(None, 4), torch.device("cpu"), log_every=1)
     info["latent_scale_factor"] = config.latent_scale_factor
-    train.run_unet_stage(config, model, clip, vae, settings, train.Budget(None, 3), torch.device("cpu"), out, info,
+    run_unet_stage(config, model, clip, vae, settings, Budget(None, 3), torch.device("cpu"), out, info,
                          state_path=out.with_suffix(".state.pt"), log_every=1)
     return out
 
 
 def test_data_stream_is_deterministic_and_is_the_train_split():
-    first = train.take(train.train_scenes(3), 25)
+    first = take(train_scenes(3), 25)
     assert first == scenes.make_dataset(3, 25, "train")
     assert all(scenes.caption_split(s.caption) == "train" for s in first)
-    assert train.take(train.train_scenes(4), 25) != first
+    assert take(train_scenes(4), 25) != first
 
     config = small_config()
     _, clip, vae = toymodel.build_toy(config, seed=0)
-    tokens = train.CaptionTokens(clip)
+    tokens = CaptionTokens(clip)
 
     def draw():
-        pool = train.LatentPool(vae, tokens, train.train_scenes(5), 6, IMAGE, 0.5, batch=4)
+        pool = LatentPool(vae, tokens, train_scenes(5), 6, IMAGE, 0.5, batch=4)
         g = torch.Generator().manual_seed(9)
         pool.refresh(3, g)
         return pool, pool.sample(5, g)
@@ -80,7 +84,7 @@ def test_data_stream_is_deterministic_and_is_the_train_split():
 
 def test_object_word_tokens_and_coverage_line_up():
     _, clip, _ = toymodel.build_toy(small_config(), seed=0)
-    tokens = train.CaptionTokens(clip)
+    tokens = CaptionTokens(clip)
     caption = "a small blue square on the left and a large green triangle on the right on a beige background"
     ids = tokens.tokens(caption)
     assert len(ids) == 77 and ids[0] == toymodel.CLIP_START
@@ -96,16 +100,16 @@ def test_training_objective_is_comfyui_prediction():
     context is CLIPTextEncode's, its latents are VAE.encode's."""
     config = small_config()
     model, clip, vae = toymodel.build_toy(config, seed=1)
-    trainer = train.UNetTrainer(model, clip, small_settings())
+    trainer = UNetTrainer(model, clip, small_settings())
     caption = scenes.make_dataset(0, 1)[0].caption
-    tokens = train.CaptionTokens(clip)
+    tokens = CaptionTokens(clip)
     with torch.no_grad():
         context = trainer.encode_text([tokens.tokens(caption)])
         reference = evaluate.encode_prompt(clip, caption)[0][0]
         assert torch.allclose(context, reference, atol=1e-5)
 
         image = scenes.render(scenes.make_dataset(0, 1)[0], IMAGE)[0]
-        means = train.encode_means(vae, image[None])
+        means = encode_means(vae, image[None])
         assert torch.allclose(means, vae.encode(torch.from_numpy(image[None]).float() / 255.0), atol=1e-5)
 
         ms = model.model.model_sampling
@@ -114,7 +118,7 @@ def test_training_objective_is_comfyui_prediction():
         sigma = ms.sigmas[t]
         ctx = context.expand(2, -1, -1)
         eps = trainer.unet(ms.calculate_input(sigma, x), ms.timestep(sigma).float(), context=ctx,
-                           transformer_options={"optimized_attention_override": train._sdpa_override})
+                           transformer_options={"optimized_attention_override": sdpa_override})
         denoised = model.model.apply_model(x, sigma, c_crossattn=ctx)
         assert torch.equal(ms.timestep(sigma), t)
         assert torch.allclose(x - eps * sigma.view(-1, 1, 1, 1), denoised, atol=1e-4)
@@ -122,11 +126,11 @@ def test_training_objective_is_comfyui_prediction():
 
 def test_few_training_steps_reduce_the_losses_on_a_fixed_batch(config):
     model, clip, vae = toymodel.build_toy(config, seed=0)
-    train.zero_init_residual_outputs(model.model.diffusion_model)
+    zero_init_residual_outputs(model.model.diffusion_model)
     settings = small_settings(caption_dropout=0.0)
-    pool = train.LatentPool(vae, train.CaptionTokens(clip), train.train_scenes(0), 4, IMAGE, 1.0)
+    pool = LatentPool(vae, CaptionTokens(clip), train_scenes(0), 4, IMAGE, 1.0)
     batch = pool.sample(4, torch.Generator().manual_seed(0))
-    trainer = train.UNetTrainer(model, clip, settings)
+    trainer = UNetTrainer(model, clip, settings)
     # The same generator seed every step: the same timesteps and noise, so the batch is fixed.
     losses = [trainer.step(batch, torch.Generator().manual_seed(1), lr=1e-3) for _ in range(20)]
     for key in ("loss", "diffusion", "attn"):
@@ -135,8 +139,8 @@ def test_few_training_steps_reduce_the_losses_on_a_fixed_batch(config):
         assert np.mean(values[-5:]) < np.mean(values[:5]), (key, values)
     assert trainer.steps == 20
 
-    vae_trainer = train.VAETrainer(vae, settings)
-    images, _ = train.render_batch(scenes.make_dataset(0, 2), IMAGE)
+    vae_trainer = VAETrainer(vae, settings)
+    images, _ = render_batch(scenes.make_dataset(0, 2), IMAGE)
     images = images[:, 16:48, 16:48]  # fully convolutional: a 32 px crop trains the same way, faster
     vae_losses = [vae_trainer.step(images, torch.Generator().manual_seed(2), lr=1e-3)["mse"] for _ in range(20)]
     assert all(np.isfinite(vae_losses)) and np.mean(vae_losses[-5:]) < np.mean(vae_losses[:5])
@@ -144,7 +148,7 @@ def test_few_training_steps_reduce_the_losses_on_a_fixed_batch(config):
 
 def test_ema_swap_round_trips(config):
     model, clip, _ = toymodel.build_toy(config, seed=0)
-    trainer = train.UNetTrainer(model, clip, small_settings())
+    trainer = UNetTrainer(model, clip, small_settings())
     live = {k: v.detach().clone() for k, v in trainer._trained_tensors()}
     with torch.no_grad():
         for _, t in trainer._trained_tensors():
@@ -185,7 +189,7 @@ def test_resume_continues_from_the_state(trained_file, tmp_path):
     model, clip, vae = toymodel.build_toy(config, state_dict)
     info = {}
     out = tmp_path / "resumed.safetensors"
-    train.run_unet_stage(config, model, clip, vae, small_settings(), train.Budget(None, 5), torch.device("cpu"), out, info,
+    run_unet_stage(config, model, clip, vae, small_settings(), Budget(None, 5), torch.device("cpu"), out, info,
                          state_path=trained_file.with_suffix(".state.pt"), resume=True, log_every=1)
     assert info["unet"]["steps"] == 5  # 3 before, 2 more
     assert toymodel.is_toy_file(out)
@@ -215,7 +219,7 @@ def test_attention_capture_keeps_the_output_and_measures_concentration(trained_f
         captured = patched.model.apply_model(x, sigma, c_crossattn=context,
                                              transformer_options=patched.model_options["transformer_options"])
     assert torch.allclose(plain, captured, atol=1e-4)
-    assert len(capture.maps) == len(train.unet_transformer_keys(model.model.diffusion_model))
+    assert len(capture.maps) == len(unet_transformer_blocks(model.model.diffusion_model))
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in capture.maps)
 
     result = evaluate.attention_concentration(model, clip, vae, evaluate.held_out_scenes(3), timesteps=(300,),
@@ -225,24 +229,42 @@ def test_attention_capture_keeps_the_output_and_measures_concentration(trained_f
 
 
 def test_learning_rate_schedule_and_budget():
-    assert train.lr_at(0.0, 0, 1.0, 10, 0.1) == pytest.approx(0.1)  # warm-up
-    assert train.lr_at(0.0, 20, 1.0, 10, 0.1) == pytest.approx(1.0)
-    assert train.lr_at(0.5, 20, 1.0, 10, 0.1) == pytest.approx(0.55)
-    assert train.lr_at(1.0, 20, 1.0, 10, 0.1) == pytest.approx(0.1)
-    assert train.lr_at(0.05, 0, 1.0, 1000, 0.0) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.05)))  # short runs warm up by time
-    budget = train.Budget(None, 10)
+    assert lr_at(0.0, 0, 1.0, 10, 0.1) == pytest.approx(0.1)  # warm-up
+    assert lr_at(0.0, 20, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(0.5, 20, 1.0, 10, 0.1) == pytest.approx(0.55)
+    assert lr_at(1.0, 20, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(0.05, 0, 1.0, 1000, 0.0) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.05)))  # short runs warm up by time
+    budget = Budget(None, 10)
     assert budget.progress(5) == 0.5 and not budget.done(9) and budget.done(10)
-    timed = train.Budget(1e-9, None)
+    timed = Budget(1e-9, None)
     assert timed.done(0)
-    timed = train.Budget(100.0, None)
+    timed = Budget(100.0, None)
     timed.start -= 40.0  # 40 s of set-up
     assert timed.restart() >= 40.0 and timed.seconds <= 60.0 and timed.progress(0) < 0.01
 
 
 def test_training_config_fits_the_file_budget_and_keeps_colour_through_the_vae_norms():
-    model, clip, vae = toymodel.build_toy(train.training_config(), seed=0)
+    model, clip, vae = toymodel.build_toy(training_config(), seed=0)
     counts = toymodel.parameter_counts(model, clip, vae)
-    assert 2 * counts["total"] + 100_000 < train.MAX_FILE_BYTES  # float16 weights plus metadata
+    assert 2 * counts["total"] + 100_000 < MAX_FILE_BYTES  # float16 weights plus metadata
     # No single-channel GroupNorm groups in the VAE (they would erase flat colours, see TRAIN_VAE).
     norms = [m for m in vae.first_stage_model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.num_channels // m.num_groups >= 2 for m in norms)
+
+
+def test_importing_the_trainer_sets_nothing_up():
+    """`python -m toyworld.train` sets the host up in its main(); importing toyworld.train (a fresh interpreter)
+    loads nothing of ComfyUI, torch or the pack and leaves sys.path and the environment as they were."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import os, sys; path, env = list(sys.path), dict(os.environ); import toyworld.train; "
+            "assert (sys.path, dict(os.environ)) == (path, env), 'sys.path or the environment changed'; "
+            "loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'comfy', 'comfy_host', 'attention_edit'}; "
+            "assert not loaded, loaded")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

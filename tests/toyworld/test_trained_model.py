@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from attention_edit.engine import toymodel
 from attention_edit.nodes.toy_loader import MODELS_DIR, ToyModelLoader
-from bench import quality
+from attention_edit.toyworld import model as toymodel
+from fixtures import toy_graph
 from toyworld import classifier, evaluate, scenes
 
 MODEL_FILE = MODELS_DIR / toymodel.TRAINED_FILE_NAME
@@ -16,7 +16,7 @@ MAX_FILE_BYTES = 25_000_000
 
 @pytest.fixture(scope="module")
 def world():
-    return quality.World(MODEL_FILE, steps=50)
+    return toy_graph.World(MODEL_FILE, steps=50)
 
 
 def test_the_trained_model_is_committed_within_budget_and_records_its_training():
@@ -36,7 +36,7 @@ def test_loader_node_returns_comfy_objects_that_round_trip_an_image():
         latent = vae.encode(torch.from_numpy(image[None].astype(np.float32) / 255.0))
         decoded = (vae.decode(latent)[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     assert latent.shape == (1, 4, 16, 16)
-    assert quality.psnr(decoded, image) > 25.0
+    assert toy_graph.psnr(decoded, image) > 25.0
     assert classifier.scene_attribute_accuracy(scene, decoded) == 1.0
     assert model.model.latent_format.scale_factor == pytest.approx(toymodel.read_toy_metadata(MODEL_FILE)[0].latent_scale_factor)
 
@@ -55,6 +55,6 @@ def test_one_real_image_edit_through_the_pack_nodes(world):
     i.e. the edited object got its new colour and everything else kept its attributes."""
     pair = scenes.make_edit_pairs(0, 1, split="test", kinds=("recolour",))[0]
     with torch.inference_mode():
-        (row,) = quality.edits(world, [pair], methods=["uam"], keep_images=True)
-    report = classifier.scene_attribute_report(pair.target, row["image"])
-    assert row["success"] and report["accuracy"] == 1.0, report
+        image, _ = toy_graph.edit(world, pair, "uam")
+    report = classifier.scene_attribute_report(pair.target, image)
+    assert toy_graph.edit_succeeded(pair, image) and report["accuracy"] == 1.0, report

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTokenizer
 
-from attention_edit.engine import toymodel
 from attention_edit.nodes import toy_loader
 from attention_edit.nodes.toy_loader import ToyModelLoader
+from attention_edit.toyworld import model as toymodel
 
 PROMPT_A = "a large red circle in the center on a white background"
 PROMPT_B = "a small blue square on the left on a black background"
@@ -214,3 +214,26 @@ def test_loader_node(tmp_path, monkeypatch):
     before = ToyModelLoader.fingerprint_inputs(model_name=trained)
     os.utime(tmp_path / trained, ns=(1, 1))
     assert ToyModelLoader.fingerprint_inputs(model_name=trained) != before
+
+
+def test_the_model_module_loads_as_part_of_the_pack_and_is_one_module():
+    """The loader node imports toyworld/model.py relative, so ComfyUI loads it as a subpackage of the pack
+    (named after its folder): it and toyworld/__init__.py import nothing by this repository's top-level names
+    (`attention_edit`, `toyworld`, `engine`, scripts/ ...). Everything else imports it through the registered
+    pack: one module object, one ToyConfig class."""
+    import ast
+    import pathlib
+
+    from toyworld import evaluate
+    from toyworld.training import settings
+
+    repo = pathlib.Path(toymodel.__file__).resolve().parents[1]
+    own = {p.name for p in repo.iterdir() if p.is_dir()} | {p.stem for p in (repo / "scripts").glob("*.py")}
+    own |= {"attention_edit", "tiny"}
+    tree = ast.parse(pathlib.Path(toymodel.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
+    assert imported and not imported & own, imported & own
+    init = ast.parse((repo / "toyworld" / "__init__.py").read_text())
+    assert not [node for node in ast.walk(init) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert toy_loader.load_toy is toymodel.load_toy and evaluate.toymodel is settings.toymodel is toymodel

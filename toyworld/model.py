@@ -19,6 +19,9 @@ AutoencoderKL's), stored in float16 by default. The metadata key ``attention_edi
 `ToyConfig` as JSON; the optional key ``attention_edit_toy_info`` holds free-form JSON (training
 provenance, ``{"random": true, "seed": 0}`` for the random demo file). Models are rebuilt from the
 config and run in float32 after loading.
+
+Part of the pack (nodes/toy_loader.py imports it relative): it imports only the host and third-party
+packages. Elsewhere import it as ``attention_edit.toyworld.model`` (see toyworld/__init__.py).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ METADATA_KEY = "attention_edit_toy"
 INFO_METADATA_KEY = "attention_edit_toy_info"
 FORMAT_VERSION = 1
 PREFIXES = {"unet": "unet.", "clip": "clip.", "vae": "vae."}
-OUTPUT_GAIN = 0.03  # random models: a calm UNet output layer (as in tests/tiny.py)
+OUTPUT_GAIN = 0.03  # random models: a calm UNet output layer (as in fixtures/tiny.py)
 DTYPE = torch.float32  # the toy model always computes in float32 (it is tiny)
 CLIP_NAME = "l"  # the SD1ClipModel slot: state-dict keys "clip_l....", tokens under "l"
 CLIP_START, CLIP_END = 49406, 49407  # the real CLIP tokenizer's special tokens
