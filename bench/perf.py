@@ -12,7 +12,8 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 24, edit_latent_sid
         repeats: int = 5, family: str = "sd15_full") -> None:
     import nodes as comfy_nodes
 
-    from attention_edit.engine.masks import AdaptiveMaskStrategy, InstantMaskStrategy
+    from attention_edit.engine.adaptive_mask import AdaptiveMaskStrategy
+    from attention_edit.engine.instant_mask import InstantMaskStrategy
     from attention_edit.nodes.edit_sampler import EditSampler
     from attention_edit.nodes.injection import SelfAttentionInjection
     from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct

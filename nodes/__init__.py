@@ -1,9 +1,10 @@
 """Thin V3 node classes: validate inputs, call engine/ and attention/, return outputs."""
 
+from .adaptive_mask import AdaptiveMask
 from .edit_sampler import EditSampler
 from .injection import SelfAttentionInjection
+from .instant_mask import InstantMask
 from .inversion import DDIMInversion, InversionReconstruct
-from .masks import AdaptiveMask, InstantMask
 from .regulation import AttentionRegulation
 from .toy_loader import ToyModelLoader
 from .uniform_attention import UniformAttention

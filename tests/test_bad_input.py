@@ -12,9 +12,10 @@ from test_regulation import clip_for
 
 from attention_edit.engine.regulation import find_target_tokens
 from attention_edit.nodes import NODES
+from attention_edit.nodes.adaptive_mask import AdaptiveMask
 from attention_edit.nodes.edit_sampler import EditSampler
+from attention_edit.nodes.instant_mask import InstantMask
 from attention_edit.nodes.inversion import DDIMInversion
-from attention_edit.nodes.masks import AdaptiveMask, InstantMask
 from fixtures import tiny
 
 

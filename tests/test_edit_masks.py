@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_attention_control import STEPS, invert
 
+from attention_edit.nodes.adaptive_mask import AdaptiveMask
 from attention_edit.nodes.edit_sampler import EditSampler
-from attention_edit.nodes.masks import AdaptiveMask
 from attention_edit.nodes.uniform_attention import UniformAttention
 from fixtures import tiny
 
@@ -66,7 +66,7 @@ def test_adaptive_mask_runs_the_aux_branch_and_blends_in_the_last_steps(world):
 
 
 def test_mask_errors():
-    from attention_edit.nodes.masks import AdaptiveMask
+    from attention_edit.nodes.adaptive_mask import AdaptiveMask
 
     assert "dilation 'bogus' is not a choice" in AdaptiveMask.validate_inputs(lambda_max=0.5, t_mask=200.0,
                                                                              dilation="bogus")
@@ -80,7 +80,7 @@ def test_mask_errors():
 
 def test_adaptive_strategy_blends_target_with_aux_outside_a_known_edit():
     from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout
-    from attention_edit.engine.masks import AdaptiveMaskStrategy
+    from attention_edit.engine.adaptive_mask import AdaptiveMaskStrategy
 
     layout = BranchLayout((SOURCE, TARGET, AUX), images=1)
     model_sampling = tiny.build("sd15").get_model_object("model_sampling")
@@ -113,7 +113,7 @@ def runs_of(strategy) -> list:
 
 
 def instant(words=((1,), (2, 3), (4,), (5,)), edit_words=None, **settings):
-    from attention_edit.engine.masks import InstantMaskStrategy
+    from attention_edit.engine.instant_mask import InstantMaskStrategy
 
     return InstantMaskStrategy([list(w) for w in words], edit_words, **settings)
 
@@ -165,7 +165,7 @@ def toy_clip():
 
 def test_words_are_found_through_the_clip_tokenizer(toy_clip):
     from attention_edit.engine.tokens import prompt_word_positions, word_positions
-    from attention_edit.nodes.masks import InstantMask
+    from attention_edit.nodes.instant_mask import InstantMask
 
     prompt = "a large red watermelon next to a xylophonist"
     groups = prompt_word_positions(toy_clip, prompt)

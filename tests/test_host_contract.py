@@ -122,7 +122,7 @@ def test_attention_replaces_get_q_k_v_and_the_options_the_pack_reads(calls_seen)
 
 
 def test_the_packs_patches_take_and_pass_on_keyword_arguments_a_host_may_add():
-    from attention_edit.engine.masks import InstantMaskStrategy
+    from attention_edit.engine.instant_mask import InstantMaskStrategy
     from attention_edit.engine.regulation import TokenPlan, apply_attention_regulation
 
     base = tiny.build("sd15")

@@ -7,9 +7,9 @@ import torch
 from test_attention_control import inject, uniform
 
 from attention_edit.attention.layout import AUX, SOURCE, TARGET
+from attention_edit.engine.adaptive_mask import AdaptiveMaskStrategy
 from attention_edit.engine.branches import Branch, sample_branches
 from attention_edit.engine.inversion import invert, schedule
-from attention_edit.engine.masks import AdaptiveMaskStrategy
 from attention_edit.nodes.edit_sampler import EditSampler
 from fixtures import tiny
 
@@ -177,7 +177,7 @@ def test_only_a_model_patched_for_editing_pays_the_extra_call_at_the_noisiest_la
 
 
 def test_a_pinned_source_nothing_reads_is_not_run_whatever_its_prompt():
-    from attention_edit.engine.masks import InstantMaskStrategy
+    from attention_edit.engine.instant_mask import InstantMaskStrategy
 
     name = "sd15"
     base, lat = tiny.build(name), tiny.latent()

@@ -1,0 +1,70 @@
+"""InstDiffEdit's instant attention mask (arXiv 2401.07709) as a mask strategy for the branch sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.instant_mask import MapAccumulator, attention_probabilities, instant_mask
+from ..attention.layout import TARGET
+from .contract import AttentionCall
+from .masks import LatentReplaceRun
+from .patching import add_attention_replace
+
+
+class InstantMaskStrategy:
+    """InstDiffEdit's instant mask from the target branch's own cross-attention, made on the fly.
+
+    A capture patch reads the conditional target rows' attention probabilities in the selected
+    low-resolution layers into the run's fixed-size running sum; the mask is recomputed from it each step.
+    """
+
+    needs_aux = False
+    reads_source_prediction = False
+
+    def __init__(self, words: list[list[int]], edit_words: list[int] | None, map_side: float = 0.25,
+                 object_similarity: float = 0.9, background_similarity: float = 0.6, blur_passes: int = 2,
+                 threshold: float = 0.2):
+        self.words, self.edit_words, self.map_side = words, edit_words, map_side
+        self.settings = dict(object_similarity=object_similarity, background_similarity=background_similarity,
+                             blur_passes=blur_passes, threshold=threshold)
+
+    def prepare(self, model):
+        m = model.clone()
+
+        def capture_cross_attention(call: AttentionCall, q, k, v, previous, source):
+            run = call.run.mask_run if call.run is not None else None
+            if isinstance(run, InstantMaskRun) and run.strategy is self:
+                run.capture(call, q, k)
+            return previous(q, k, v)
+
+        add_attention_replace(m, "attn2", "instant mask capture", capture_cross_attention,
+                              lambda key: key[0] in ("input", "output"), effect=lambda branch: None)  # reads only
+        return m
+
+    def start(self, layout, sigmas, trajectory, model_sampling) -> InstantMaskRun:
+        return InstantMaskRun(self, layout, trajectory)
+
+
+class InstantMaskRun(LatentReplaceRun):
+    def __init__(self, strategy: InstantMaskStrategy, layout, trajectory):
+        super().__init__(layout, trajectory, self.current_mask)
+        self.strategy = strategy
+        self.accumulator = MapAccumulator()
+        self.peak_stored = 0  # the largest the running sum got (elements): it never grows with steps
+
+    def capture(self, call: AttentionCall, q, k) -> None:
+        s = self.strategy
+        if call.map_side is None or abs(call.map_side - s.map_side) > 1e-6:
+            return
+        rows = call.cond_rows(TARGET)
+        if not rows:
+            return
+        self.accumulator.add(attention_probabilities(q[rows], k[rows], call.heads), call.map_hw)
+        self.peak_stored = max(self.peak_stored, self.accumulator.stored_elements())
+
+    def current_mask(self, like: torch.Tensor) -> torch.Tensor | None:
+        maps = self.accumulator.mean()
+        if maps is None:
+            return None
+        s = self.strategy
+        return instant_mask(maps, s.words, tuple(like.shape[-2:]), edit_words=s.edit_words, **s.settings).to(like)
