@@ -2,7 +2,12 @@
 
 Adaptive mask (UAM, arXiv 2411.19652): where the target's x0 prediction departs from the source's,
 thresholded at a quantile that rises over the steps, dilated, and used to blend the target's x0 with
-the auxiliary uniform-attention reconstruction's x0 outside the edit.
+the auxiliary uniform-attention reconstruction's x0 outside the edit (and, the paper's "red line", the
+source's x0 with the auxiliary one inside it).
+
+The official code soft-thresholds the difference by its quantile Q before comparing it with Q
+(d - clamp(d, -Q, Q), then |.| > Q), so the edit region is |d| > 2 Q; `adaptive_mask` computes it
+in that order.
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ def dilate(mask: torch.Tensor, size: int = 3) -> torch.Tensor:
 
 def adaptive_mask(x0_target: torch.Tensor, x0_source: torch.Tensor, q: float, dilation: str = DILATE_EDIT,
                   size: int = 3) -> torch.Tensor:
-    """The edit region (1) per latent element: |x0_tgt - x0_src| above its q-quantile, per image."""
+    """The edit region (1) per latent element, per image: with Q the q-quantile of |x0_src - x0_tgt|,
+    the difference soft-thresholded by Q still exceeds Q, i.e. |x0_src - x0_tgt| > 2 Q (the official code)."""
     if dilation not in DILATIONS:
         raise ValueError(f"unknown dilation '{dilation}', expected one of {DILATIONS}")
-    diff = (x0_target - x0_source).abs().float()
-    flat = diff.flatten(1)
+    diff = (x0_source - x0_target).float()
+    flat = diff.abs().flatten(1)
     threshold = torch.quantile(flat, q, dim=1).view(-1, *([1] * (diff.dim() - 1)))
-    edit = (diff > threshold).float()
+    shrunk = diff - torch.maximum(torch.minimum(diff, threshold), -threshold)  # soft threshold by Q
+    edit = (shrunk.abs() > threshold).float()
     if dilation == DILATE_EDIT:
         return dilate(edit, size)
     return 1.0 - dilate(1.0 - edit, size)

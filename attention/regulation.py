@@ -2,7 +2,7 @@
 
 For the conditional rows of a cross-attention layer, a smooth bias S is added to the pre-softmax
 scores of the target tokens. S is a weighted sum of Gaussian bumps over the 2D map (sigma = map
-width / 16, centres every 2 sigma); the weights w (one set per row, head and target) are found by
+width // 16, centres every 2 sigma); the weights w (one set per row, head and target) are found by
 plain gradient descent on
 
     L(w) = mean_g (q90(A_g) - peak_target)^2
@@ -11,9 +11,12 @@ plain gradient descent on
 
 where A_g is target g's attention map (its probability, summed over the target's tokens, at every
 position of the map) under the biased softmax, q90 its 0.9-quantile over the map and n the number
-of targets. The best iterate is kept, smoothed with the previous step's bias (EMA), scaled by
-decay**step, and the probabilities of the start and end tokens are restored after the softmax
-(the others re-normalised), as in the official code.
+of targets. As in the official code: the weights start random (uniform in [0, 1), here from a
+seeded generator, see `initial_weights`); the iterate kept is the one of lowest loss over all the
+call's rows and heads together; the bias applied is ema * (the previous step's optimum, or the
+initial bias on the first step) + (1 - ema) * this step's optimum, scaled by decay**step; after the
+softmax the start and end tokens get back their unbiased probabilities and nothing is re-normalised
+(restore "overwrite"; "renormalise" is the variant that rescales the other tokens to fill the rest).
 
 Everything here runs in float32 whatever the input dtype, and the result is cast back, so a float16
 or bfloat16 model gets no NaN from the optimisation. No ComfyUI imports.
@@ -30,21 +33,27 @@ import torch
 
 from .heads import head_scores, heads_output
 
+RESTORES = ("overwrite", "renormalise")  # the official restore first
+BLOCK_CODES = {"input": 1, "middle": 2, "output": 3}
+
 
 @dataclasses.dataclass(frozen=True)
 class RegulationParams:
     """The method's parameters; defaults are the official code's (SD2, 50 steps, 25 edited)."""
 
-    iterations: int = 20  # gradient steps per layer and step
+    iterations: int = 20  # gradient steps per layer and step (the iterates before each step are scored)
     learning_rate: float = 100.0
-    ema: float = 0.25  # weight of the previous step's bias: S = ema * S_prev + (1 - ema) * S_new
+    ema: float = 0.25  # weight of the previous step's optimum: S = ema * S_best,prev + (1 - ema) * S_best
     decay: float = 0.99  # the applied bias is decay**step * S
     peak_target: float = 0.9  # what each target map's 0.9-quantile should reach
     share_weight: float = 80.0  # weight of the equal-share term
     beta: float = 0.09  # weight of the mean(w^2) penalty (the official code's 9e-2; the paper says 0.1)
     quantile: float = 0.9
+    restore: str = "overwrite"  # start/end tokens after the softmax: "overwrite" (official) or "renormalise"
 
     def validate(self) -> None:
+        if self.restore not in RESTORES:
+            raise ValueError(f"restore must be one of {', '.join(RESTORES)}, got {self.restore!r}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         for name in ("learning_rate", "share_weight", "beta"):
@@ -60,10 +69,17 @@ def share_target(n: int) -> float:
     return min(1.0, 0.2 * n) / n
 
 
+def bump_sigma(width: int) -> float:
+    """The bumps' sigma: width // 16 pixels as in the official code (1 at 16x16, 2 at 32x32, 1 at
+    24x24). Maps narrower than 16 (where the official code divides by zero) get width / 16."""
+    return float(width // 16) if width >= 16 else width / 16.0
+
+
 def gaussian_basis(height: int, width: int, device=None) -> torch.Tensor:
-    """The bumps G_p flattened, (P, height * width) float32: sigma = width / 16, centres at 2 sigma,
-    4 sigma, ... inside the map on both axes (7 x 7 = 49 bumps on a square map)."""
-    sigma = width / 16.0
+    """The bumps G_p flattened, (P, height * width) float32: sigma = bump_sigma(width), centres at
+    2 sigma, 4 sigma, ... inside the map on both axes (7 x 7 = 49 bumps on a square map whose side is
+    a multiple of 16 or below 16)."""
+    sigma = bump_sigma(width)
     step = 2.0 * sigma
     ys = torch.arange(height, dtype=torch.float32, device=device)
     xs = torch.arange(width, dtype=torch.float32, device=device)
@@ -121,39 +137,64 @@ def objective(maps: torch.Tensor, weights: torch.Tensor, params: RegulationParam
     return peak + params.share_weight * share + params.beta * (weights**2).mean(dim=(1, 2))
 
 
+def layer_seed(block: tuple[str, int, int] | None, step: int) -> int:
+    """The seed of the initial weights of one layer at one step, fixed so that a run is reproducible:
+    ((code * 100 + number) * 100 + index) * 10000 + step, with code 1, 2, 3 for the input, middle and
+    output blocks (("input", 7, 0) at step 3: 107000003). No block: the step alone."""
+    if block is None:
+        return int(step)
+    name, number, index = block
+    return ((BLOCK_CODES.get(name, 0) * 100 + int(number)) * 100 + int(index)) * 10000 + int(step)
+
+
+def initial_weights(rows: int, targets: int, bumps: int, seed: int, device=None) -> torch.Tensor:
+    """The starting bump weights (rows, targets, bumps), uniform in [0, 1) like the official torch.rand,
+    drawn in float32 on the CPU from torch.Generator().manual_seed(seed) as one tensor of that shape (the
+    same on every device). Rows are head_scores' (image, then head); bumps are gaussian_basis' order
+    (row centre, then column centre)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.rand(rows, targets, bumps, generator=g, dtype=torch.float32).to(device)
+
+
 def optimise_bias(scores: torch.Tensor, groups: Sequence[torch.Tensor], basis: torch.Tensor,
-                  params: RegulationParams) -> torch.Tensor:
+                  params: RegulationParams, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The bias maps S (B, n, M) that minimise the objective, by plain gradient descent on the bump
-    weights from zero (`iterations` steps of size `learning_rate`). Each row-head is optimised on its
-    own and keeps its best iterate (the zero bias included, so the result never scores worse than no
-    edit). float32; autograd runs even under the host's inference mode."""
+    weights from `weights` (B, n, P) (default: zero): `iterations` steps of size `learning_rate`,
+    each row-head on its own loss (the official code's batch-mean loss with the step scaled by the
+    batch size). As in the official code the iterates 0 .. iterations - 1 are scored (the last step's
+    result is not) and the kept one is the iterate whose loss summed over all rows and heads is
+    lowest. float32; autograd runs even under the host's inference mode."""
     with torch.inference_mode(False), torch.enable_grad():
         scores = scores.detach().float().clone()
         basis = basis.detach().float().clone()
         rest, grouped = group_logits(scores, groups)
         b, n, m = grouped.shape
         p = basis.shape[0]
-        weights = torch.zeros(b, n, p, device=scores.device, requires_grad=True)
-        best_loss = torch.full((b,), float("inf"), device=scores.device)
-        best = torch.zeros(b, n, m, device=scores.device)
-        for it in range(params.iterations + 1):
+        if weights is None:
+            weights = torch.zeros(b, n, p, device=scores.device)
+        weights = weights.detach().float().clone().to(scores.device).requires_grad_(True)
+        best_loss = torch.tensor(float("inf"), device=scores.device)  # a tensor: no device sync per iterate
+        best = torch.mm(weights.detach().reshape(b * n, p), basis).reshape(b, n, m)
+        for _ in range(params.iterations):
             bias = torch.mm(weights.reshape(b * n, p), basis).reshape(b, n, m)
             loss = objective(target_maps(rest, grouped, bias), weights, params)
-            better = loss.detach() < best_loss
-            best_loss = torch.where(better, loss.detach(), best_loss)
-            best = torch.where(better[:, None, None], bias.detach(), best)
-            if it == params.iterations:
-                break
+            total = loss.detach().sum()
+            better = total < best_loss
+            best_loss = torch.where(better, total, best_loss)
+            best = torch.where(better, bias.detach(), best)
             (grad,) = torch.autograd.grad(loss.sum(), weights)
             weights = (weights.detach() - params.learning_rate * grad).requires_grad_(True)
         return best
 
 
 def regulated_probs(scores: torch.Tensor, groups: Sequence[torch.Tensor], bias: torch.Tensor,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Probabilities (B, M, L) with group g's bias (bias[:, g], (B, n, M)) added to all of its tokens' scores, and the tokens
-    in `keep` (start and end) at their unbiased probability, the others re-normalised to fill the
-    rest. Non-target tokens keep their ratios to each other."""
+                    keep: torch.Tensor | None = None, restore: str = "overwrite") -> torch.Tensor:
+    """Probabilities (B, M, L) with group g's bias (bias[:, g], (B, n, M)) added to all of its tokens'
+    scores, and the tokens in `keep` (start and end) at their unbiased probability. restore
+    "overwrite" (the official code): the kept tokens' probabilities are written over the biased
+    softmax and nothing else changes, so a row no longer sums to one and the targets keep the
+    probability the optimisation gave them. "renormalise": the other tokens are rescaled to fill the
+    rest (rows sum to one; non-target tokens keep their ratios to each other)."""
     full = torch.zeros_like(scores)
     for i, g in enumerate(groups):
         full[..., g] = bias[:, i, :, None]
@@ -162,6 +203,10 @@ def regulated_probs(scores: torch.Tensor, groups: Sequence[torch.Tensor], bias: 
         return biased.softmax(dim=-1)
     keep_mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
     keep_mask[keep] = True
+    if restore == "overwrite":
+        return torch.where(keep_mask, scores.softmax(dim=-1), biased.softmax(dim=-1))
+    if restore != "renormalise":
+        raise ValueError(f"restore must be one of {', '.join(RESTORES)}, got {restore!r}")
     lse_all = torch.logsumexp(scores, dim=-1, keepdim=True)
     lse_rest = torch.logsumexp(scores.masked_fill(keep_mask, float("-inf")), dim=-1, keepdim=True)
     biased_rest = biased.masked_fill(keep_mask, float("-inf"))
@@ -190,13 +235,15 @@ def serial_on_cpu(device: torch.device) -> Iterator[None]:
 def regulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: Sequence,
              keep: Sequence[int] | torch.Tensor | None, map_hw: tuple[int, int], step: int,
              previous: torch.Tensor | None = None, params: RegulationParams = RegulationParams(),
-             basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             basis: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One regulated cross-attention call for the rows given (all of them are regulated).
 
     q (B, M, heads * d), k and v (B, L, heads * d), already projected, any float dtype. groups: the
     token positions of each target (positions in the context, all occurrences). keep: start and end
-    token positions. previous: this layer's smoothed bias from the previous step (B * heads, n, M),
-    or None. Returns the attention output (dtype of q) and the smoothed bias to pass on next step.
+    token positions. previous: this layer's optimum from the previous step (B * heads, n, M), or None
+    on the first step (then the initial bias, from the weights `initial_weights` draws with `seed`,
+    takes its place in the moving average, as in the official code). Returns the attention output
+    (dtype of q) and this step's optimum, to pass on as `previous` next step.
     """
     device = q.device
     groups = [_index(g, device) for g in groups]
@@ -205,12 +252,19 @@ def regulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, grou
         scores = head_scores(q, k, heads)
         if basis is None:
             basis = gaussian_basis(map_hw[0], map_hw[1], device=device)
-        best = optimise_bias(scores, groups, basis, params)
+        basis = basis.to(device=device, dtype=torch.float32)
+        if params.iterations == 0:  # no optimisation: no bias, the layer's attention as it is
+            best = torch.zeros(scores.shape[0], len(groups), scores.shape[1], device=device)
+            probs = regulated_probs(scores, groups, best, keep_index, params.restore)
+            return heads_output(probs, v, heads).to(q.dtype), best
+        start = initial_weights(scores.shape[0], len(groups), basis.shape[0], seed, device)
+        best = optimise_bias(scores, groups, basis, params, start)
         if previous is not None and previous.shape == best.shape:
-            smoothed = params.ema * previous.to(device=device, dtype=torch.float32) + (1.0 - params.ema) * best
-        else:
-            smoothed = best
+            partner = previous.to(device=device, dtype=torch.float32)
+        else:  # the first step: the bias of the initial weights
+            partner = torch.mm(start.reshape(-1, basis.shape[0]), basis).reshape(best.shape)
+        smoothed = params.ema * partner + (1.0 - params.ema) * best
         applied = smoothed * (params.decay ** int(step))
-        probs = regulated_probs(scores, groups, applied, keep_index)
+        probs = regulated_probs(scores, groups, applied, keep_index, params.restore)
         out = heads_output(probs, v, heads)
-    return out.to(q.dtype), smoothed
+    return out.to(q.dtype), best

@@ -83,7 +83,7 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 24, edit_latent_sid
         "edit_fpe": lambda: edit(fpe, fpe_handle),
         "edit_fpe_recomputed": lambda: edit(fpe, fpe_handle, source_prompt=source),
         "edit_instant": lambda: edit(fpe, fpe_handle, InstantMaskStrategy([g[0] for g in groups], [1])),
-        "edit_adaptive": lambda: edit(uam, uam_handle, AdaptiveMaskStrategy(t_mask=1000.0)),
+        "edit_adaptive": lambda: edit(uam, uam_handle, AdaptiveMaskStrategy(t_mask=1000.0, recipe="uniform_pinned")),
     }, repeats=repeats)
     kept_mb = round(fpe_handle.record.nbytes / 2**20, 2)
     rec.add("injection.overhead_ratio", ratio(times, "edit_fpe", "edit_plain"), "ratio", True, model_name,

@@ -22,8 +22,11 @@ classifier that reads attributes back (`toyworld.classifier`).
   `edit_methods`): ``ddim`` (the target prompt from the caption inversion, no attention control),
   ``fpe`` (Free-Prompt-Editing, empty-prompt inversion and source prompt: the source is replayed),
   ``masactrl`` (caption inversion), ``uam``
-  (uniform-attention inversion + MasaCtrl + adaptive mask, empty source prompt: workflow 1),
-  ``uam_unchanged`` (the same with the paper's dilation of the unchanged region), ``instdiffedit``
+  (UAM's official recipe, workflow 1: two empty-prompt inversions, normal attention for source and
+  target, uniform attention for the auxiliary branch; MasaCtrl + adaptive mask with the red line, nothing
+  pinned), ``uam_pinned`` (the pack's earlier recipe: one uniform-attention inversion, source and
+  auxiliary branch pinned to it), ``uam_unchanged`` (the official recipe with the paper's dilation of
+  the unchanged region), ``instdiffedit``
   (instant mask on the edited words, empty-prompt inversion at strength 0.5).
 * Masks: IoU of the final MASK (> 0.5) with the ground-truth edit mask, on the object edits
   (recolour, reshape, replace), for the instant and the adaptive mask.
@@ -43,7 +46,20 @@ from typing import Any
 
 import numpy as np
 
-from fixtures.toy_graph import EDIT_CFG, World, edit_methods, edit_succeeded, invert_for, iou, psnr, run_edit, run_node, ssim
+from fixtures.toy_graph import (
+    EDIT_CFG,
+    World,
+    aux_invert_for,
+    edit_methods,
+    edit_succeeded,
+    inversion_key,
+    invert_for,
+    iou,
+    psnr,
+    run_edit,
+    run_node,
+    ssim,
+)
 
 log = logging.getLogger("attention_edit.bench.quality")
 
@@ -115,15 +131,17 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
         handles: dict[tuple, Any] = {}  # one inversion per (model, prompt, strength), shared by the methods
         for method in methods:
             spec = table[method]
-            key = (id(spec["model"]), spec["invert"], spec["strength"])
-            if key not in handles:
-                handles[key] = invert_for(world, spec, pair, latent)
+            if inversion_key(spec) not in handles:
+                handles[inversion_key(spec)] = invert_for(world, spec, pair, latent)
+            if "aux_model" in spec and inversion_key(spec, aux=True) not in handles:
+                handles[inversion_key(spec, aux=True)] = aux_invert_for(world, spec, pair, latent)
         keep = ~pair.edit_mask
         for method in methods:
             spec = table[method]
             started = time.perf_counter()
-            handle = handles[(id(spec["model"]), spec["invert"], spec["strength"])]
-            image, mask = run_edit(world, spec, pair, handle)
+            handle = handles[inversion_key(spec)]
+            aux_handle = handles[inversion_key(spec, aux=True)] if "aux_model" in spec else None
+            image, mask = run_edit(world, spec, pair, handle, aux_handle)
             row = {"pair": n, "kind": pair.kind, "method": method, "success": edit_succeeded(pair, image),
                    "background_psnr": psnr(image, source_image, keep) if keep.any() else None,
                    "structure": structure_iou(image, target_image), "seconds": time.perf_counter() - started}
@@ -235,7 +253,8 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
                 n=len(chosen))
             add(f"toyworld.background_psnr_db.{method}.{kind}", _mean([r["background_psnr"] for r in chosen]), "dB",
                 n=len(chosen))
-    for metric, method in (("instant", "instdiffedit"), ("adaptive", "uam"), ("adaptive_unchanged", "uam_unchanged")):
+    for metric, method in (("instant", "instdiffedit"), ("adaptive", "uam"), ("adaptive_pinned", "uam_pinned"),
+                           ("adaptive_unchanged", "uam_unchanged")):
         values = [r["mask_iou"] for r in rows if r["method"] == method and "mask_iou" in r]
         if values:
             add(f"toyworld.mask_iou.{metric}", _mean(values), "iou", n=len(values))

@@ -23,7 +23,8 @@ EDIT_METHODS = {
     "ddim": "DDIM inversion + target prompt (no attention control)",
     "fpe": "Free-Prompt-Editing (empty-prompt inversion and source, r = 0.8)",
     "masactrl": "MasaCtrl (caption inversion)",
-    "uam": "UAM: uniform-attention inversion + MasaCtrl + adaptive mask",
+    "uam": "UAM (official): normal + uniform inversions, MasaCtrl, adaptive mask",
+    "uam_pinned": "UAM, one pinned uniform inversion (uniform_pinned)",
     "uam_unchanged": "UAM, the paper's dilation (unchanged region)",
     "instdiffedit": "InstDiffEdit: instant mask, strength 0.5",
 }

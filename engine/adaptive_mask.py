@@ -1,22 +1,48 @@
-"""UAM's adaptive mask blending (arXiv 2411.19652) as a mask strategy for the branch sampler."""
+"""UAM's adaptive mask blending (arXiv 2411.19652) as a mask strategy for the branch sampler.
+
+While t < T_mask, with M the edit region (attention/masks.py adaptive_mask):
+    target x0 = M * x0_tgt + (1 - M) * x0_aux            (Algorithm 1 line 17)
+    source x0 = M * x0_aux + (1 - M) * x0_src            (line 18, the "red line", on in the official code)
+and every branch then steps from its blended x0 with its own predicted noise (the branch sampler:
+engine/branches.py). Which latents the branches start from is the recipe's (the Edit Sampler):
+
+- `two_trajectories` (the official code): source and target start from a normal-attention inversion,
+  the auxiliary branch (the negative, i.e. unconditional, prompt; uniform attention; no guidance) from
+  a uniform-attention inversion; nothing is pinned.
+- `uniform_pinned` (this pack's earlier recipe): one uniform-attention inversion for every branch, the
+  source and the auxiliary branch (the source prompt) pinned to it: exact, and replayable.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..attention.layout import AUX, SOURCE, TARGET
-from ..attention.masks import DILATE_EDIT, adaptive_mask, blend, quantile_schedule
+from ..attention.masks import DILATE_EDIT, DILATIONS, adaptive_mask, blend, quantile_schedule
+
+RECIPE_TWO_TRAJECTORIES = "two_trajectories"
+RECIPE_UNIFORM_PINNED = "uniform_pinned"
+RECIPES = (RECIPE_TWO_TRAJECTORIES, RECIPE_UNIFORM_PINNED)
 
 
 class AdaptiveMaskStrategy:
-    """UAM's adaptive mask: target x0 = M * x0_tgt + (1 - M) * x0_aux while t < T_mask."""
+    """UAM's adaptive mask: the target keeps the auxiliary branch's x0 outside the edit while t < T_mask."""
 
     needs_aux = True
     reads_source_prediction = True  # the mask is the difference of the target's and the source's x0
 
     def __init__(self, lam: float = 0.5, t_mask: float = 200.0, dilation: str = DILATE_EDIT,
-                 blend_source: bool = False):
+                 blend_source: bool = True, recipe: str = RECIPE_TWO_TRAJECTORIES):
+        if dilation not in DILATIONS:
+            raise ValueError(f"unknown dilation '{dilation}', expected one of {DILATIONS}")
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe '{recipe}', expected one of {RECIPES}")
         self.lam, self.t_mask, self.dilation, self.blend_source = lam, t_mask, dilation, blend_source
+        self.recipe = recipe
+
+    @property
+    def two_trajectories(self) -> bool:
+        return self.recipe == RECIPE_TWO_TRAJECTORIES
 
     def prepare(self, model):
         return model
@@ -28,12 +54,15 @@ class AdaptiveMaskStrategy:
 
 
 class AdaptiveMaskRun:
+    keeps_noise = True  # the sampler steps each branch from its (blended) x0 with its own predicted noise
+
     def __init__(self, strategy: AdaptiveMaskStrategy, layout, sigmas, sigma_mask: float):
         self.strategy, self.layout, self.sigmas, self.sigma_mask = strategy, layout, sigmas, sigma_mask
         self.steps = len(sigmas) - 1
-        self.mask = None
+        self.mask = None  # the edit region of the last blended step: what the MASK output shows
 
     def blend_denoised(self, i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """The blended x0 of every row while t < T_mask (a new tensor), else `denoised` itself."""
         if float(self.sigmas[i]) >= self.sigma_mask:
             return denoised
         s = self.strategy
@@ -41,9 +70,9 @@ class AdaptiveMaskRun:
         src, tgt, aux = denoised[rows[SOURCE]], denoised[rows[TARGET]], denoised[rows[AUX]]
         mask = adaptive_mask(tgt, src, quantile_schedule(i, self.steps, s.lam), s.dilation)
         denoised = denoised.clone()
-        denoised[rows[TARGET]] = blend(mask, tgt, aux)
-        if s.blend_source:  # the paper's "red line": the source keeps the aux outside the edit too
-            denoised[rows[SOURCE]] = blend(mask, src, aux)
+        denoised[rows[TARGET]] = blend(mask, tgt, aux)  # outside the edit: the auxiliary reconstruction
+        if s.blend_source:  # the red line: inside the edit the source takes the auxiliary x0
+            denoised[rows[SOURCE]] = blend(mask, aux, src)
         self.mask = mask
         return denoised
 
@@ -51,5 +80,6 @@ class AdaptiveMaskRun:
         return x
 
     def final_mask(self) -> torch.Tensor | None:
-        # The share of latent channels in the edit region: a soft [0, 1] mask per pixel.
+        # The mask the last blended step used, per pixel: the share of its latent channels in the edit region
+        # (the blend is per latent element), so 1 where every channel was edited.
         return None if self.mask is None else self.mask.mean(dim=1)

@@ -2,7 +2,11 @@
 
 Rows are branch-major (branch b, image i -> row b * images + i) and the layout is published to every
 model call (engine/contract.py), so each attention patch knows which rows to read from and change.
-The update is DDIM with eta = 0, i.e. an Euler step in sigma space.
+The update is DDIM with eta = 0, i.e. an Euler step in sigma space: x' = x + (sigma' - sigma) * eps with
+eps = (x - x0) / sigma, which is x' = x0 + sigma' * eps. A mask run that `keeps_noise` (UAM's adaptive
+mask) steps in that second form: each branch keeps the noise it predicted itself and only its x0 is the
+blended one, x' = x0_blended + sigma' * eps (the official UAM update, sqrt(a') x0_blended + sqrt(1 - a')
+eps in DDPM space), the plain step wherever nothing is blended.
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ class BranchStepper:
     (replayed rows included) stays in `x` for `finish`."""
 
     def __init__(self, layout: BranchLayout, live: list[str], plan: ReplayPlan, pinned: list[str],
-                 trajectory: torch.Tensor | None, handle, mask_run):
+                 trajectory: torch.Tensor | None, handle, mask_run, starts: dict | None = None):
         self.layout, self.plan, self.pinned, self.trajectory, self.handle = layout, plan, pinned, trajectory, handle
         self.mask_run = mask_run
+        self.starts = starts or {}
         per = layout.rows_per_chunk
         self.rows = {name: layout.rows(name, per) for name in layout.branches}
         self.live_rows = [r for name in live for r in self.rows[name]]
@@ -55,9 +60,12 @@ class BranchStepper:
 
     def start(self, x_live: torch.Tensor) -> torch.Tensor:
         if self.trajectory is not None:  # every branch starts at the noisiest inverted latent
-            return self.trajectory[0].to(x_live).repeat(len(self.layout.branches), 1, 1, 1)
-        x = x_live.new_zeros((self.layout.rows_per_chunk,) + tuple(x_live.shape[1:]))
-        x[self.live_rows] = x_live
+            x = self.trajectory[0].to(x_live).repeat(len(self.layout.branches), 1, 1, 1)
+        else:
+            x = x_live.new_zeros((self.layout.rows_per_chunk,) + tuple(x_live.shape[1:]))
+            x[self.live_rows] = x_live
+        for name, latent in self.starts.items():  # a branch with a start of its own (UAM's auxiliary branch)
+            x[self.rows[name]] = latent.to(x)
         return x
 
     def pin(self, x: torch.Tensor, i: int) -> None:
@@ -86,9 +94,12 @@ class BranchStepper:
             self.pin(x, i)
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             denoised = self.predict(model_k, x, i, sigma, extra_args or {})
-            if self.mask_run is not None:
-                denoised = self.mask_run.blend_denoised(i, x, denoised)
-            x = x + (sigma_next - sigma) * (x - denoised) / sigma
+            blended = denoised if self.mask_run is None else self.mask_run.blend_denoised(i, x, denoised)
+            if getattr(self.mask_run, "keeps_noise", False):  # each branch keeps its own predicted noise
+                x = blended + sigma_next * ((x - denoised) / sigma)
+            else:
+                x = x + (sigma_next - sigma) * (x - blended) / sigma
+            denoised = blended
             if self.mask_run is not None:
                 x = self.mask_run.after_step(i, x)
             if callback is not None:  # the host's sampler callback (previews, progress)
@@ -101,7 +112,8 @@ class BranchStepper:
 
 def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Tensor, full_schedule: torch.Tensor,
                     images: int, trajectory: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                    pin: tuple[str, ...] = (), strategy=None, callback=None, handle=None) -> BranchRun:
+                    pin: tuple[str, ...] = (), strategy=None, callback=None, handle=None,
+                    starts: dict[str, torch.Tensor] | None = None) -> BranchRun:
     """Run the branches together from the start of `sigmas`.
 
     trajectory: an inversion's latents (model space, one per sigma): every branch starts from its
@@ -111,8 +123,15 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
     handle: the inversion, to replay the pinned branches it already computed (engine.replay) instead
     of running them, and to skip a pinned source nothing reads; the plan is in the run's info.
     strategy: a mask strategy (engine.masks), already prepared on `model`.
+    starts: branch name -> the latent (model space, one per image) that branch starts from instead, e.g.
+    UAM's auxiliary branch at the noisiest latent of a uniform-attention inversion; such a branch must
+    not be pinned.
     """
     names = tuple(b.name for b in branches)
+    starts = {name: latent for name, latent in (starts or {}).items() if name in names}
+    if set(starts) & set(pin):
+        raise ValueError(f"the {' and '.join(sorted(set(starts) & set(pin)))} branch cannot both start from a latent "
+                         f"of its own and be pinned to the trajectory")
     layout = BranchLayout(names, images)  # every branch: what strategies and callbacks see
     plan = ReplayPlan()
     if handle is not None:
@@ -130,7 +149,7 @@ def sample_branches(model, branches: list[Branch], cfg: float, sigmas: torch.Ten
         store = ReplayStore(handle.record, plan.kind_map, live_layout.rows_per_chunk)
     run = EditRunContext(live_layout, full_schedule, replay=store, mask_run=mask_run)
     stepper = BranchStepper(layout, [b.name for b in live], plan, [n for n in pin if n in names], trajectory,
-                            handle, mask_run)
+                            handle, mask_run, starts)
     if live:
         if noise is None:
             noise = torch.zeros((images * len(live),) + tuple(trajectory.shape[2:]), dtype=trajectory.dtype)

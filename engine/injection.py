@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import uuid
 
-from ..attention.injection import FPE, MASACTRL, SOURCE_INPUTS, substitute_inputs
+import torch
+
+from ..attention.injection import (
+    ALL_ROWS,
+    COND_ROWS,
+    FPE,
+    MASACTRL,
+    OFFICIAL_ROWS,
+    SOURCE_INPUTS,
+    injected_chunks,
+    mask_at,
+    masked_mutual_attention,
+    substitute_inputs,
+)
 from ..attention.layout import TARGET
 from .patching import add_attention_replace, transformer_blocks
 
@@ -25,13 +38,53 @@ def default_masactrl_layer(model) -> int:
     return len(keys)
 
 
+def fpe_steps(steps: int, ratio: float) -> int:
+    """FPE injects in steps [0, int(N * ratio)): the official controller floors the step count."""
+    return int(steps * ratio)
+
+
+def _check_mask(mask, name: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3) or mask.numel() == 0:
+        raise ValueError(f"{name} must be a MASK (images, height, width), got {type(mask).__name__}")
+    if not torch.isfinite(mask).all():
+        raise ValueError(f"{name} contains NaN or infinite values: give a MASK with values 0 to 1")
+    return mask.detach().float().cpu()
+
+
+class _ForegroundMasks:
+    """The source's and the target's foreground at each map size (resized once per size and device)."""
+
+    def __init__(self, source: torch.Tensor, target: torch.Tensor):
+        self.source, self.target = source, target
+        self.resized: dict = {}
+
+    def at(self, hw: tuple[int, int], images: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(hw), images, str(device))
+        if key not in self.resized:
+            pair = []
+            for mask, name in ((self.source, "masactrl_mask"), (self.target, "masactrl_target_mask")):
+                m = mask_at(mask, hw)
+                if m.shape[0] not in (1, images):
+                    raise ValueError(f"{name} has a batch of {m.shape[0]} masks but the edit has {images} images: "
+                                     f"give one mask or one per image")
+                pair.append(m.expand(images, -1).to(device))
+            self.resized[key] = tuple(pair)
+        return self.resized[key]
+
+
 def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: float = 0.5,
-                    masactrl_start_step: int = 4, masactrl_start_layer: int = -1):
+                    masactrl_start_step: int = 4, masactrl_start_layer: int = -1, rows: str = OFFICIAL_ROWS,
+                    masactrl_mask: torch.Tensor | None = None, masactrl_target_mask: torch.Tensor | None = None):
     """A clone whose target-branch self-attention reads from the source branch.
 
-    fpe: attention(Q_src, K_src, V_tgt) for steps [0, ratio * N) in layers whose map side is at most
+    fpe: attention(Q_src, K_src, V_tgt) for steps [0, int(ratio * N)) in layers whose map side is at most
     `fpe_max_map_side` of the latent side. masactrl: attention(Q_tgt, K_src, V_src) from step S and
     layer L (execution order; -1 = the model's equivalent of SD1.5's layer 10).
+    rows: the guidance halves changed: 'official' (fpe: conditional only, as its official code; masactrl:
+    both, each against the source's same half), 'cond' or 'cond_and_uncond'.
+    masactrl_mask: MasaCtrl's mask-guided variant: the source's foreground (also the target's unless
+    masactrl_target_mask is given); target foreground queries attend to the source's foreground only,
+    background to background.
     """
     if mode not in (FPE, MASACTRL):
         raise ValueError(f"unknown mode '{mode}', expected '{FPE}' or '{MASACTRL}'")
@@ -39,6 +92,18 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
         raise ValueError(f"fpe_ratio must be in [0, 1], got {fpe_ratio}")
     if masactrl_start_step < 0:
         raise ValueError(f"masactrl_start_step must be >= 0, got {masactrl_start_step}")
+    chunks = injected_chunks(mode, rows)
+    masks = None
+    if masactrl_target_mask is not None and masactrl_mask is None:
+        raise ValueError("masactrl_target_mask needs masactrl_mask (the source's foreground) as well")
+    if masactrl_mask is not None:
+        if mode != MASACTRL:
+            raise ValueError("masactrl_mask is MasaCtrl's mask-guided variant: set mode to 'masactrl' or "
+                             "disconnect the mask")
+        source_mask = _check_mask(masactrl_mask, "masactrl_mask")
+        target_mask = source_mask if masactrl_target_mask is None else _check_mask(masactrl_target_mask,
+                                                                                   "masactrl_target_mask")
+        masks = _ForegroundMasks(source_mask, target_mask)
     keys = transformer_blocks(model)
     start_layer = default_masactrl_layer(model) if masactrl_start_layer < 0 else masactrl_start_layer
     if mode == MASACTRL and start_layer >= len(keys):
@@ -52,18 +117,47 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
             return False
         i, n = call.step
         if mode == FPE:
-            return i < fpe_ratio * n and call.map_side is not None and call.map_side <= fpe_max_map_side
+            return i < fpe_steps(n, fpe_ratio) and call.map_side is not None and call.map_side <= fpe_max_map_side
         return i >= masactrl_start_step
 
     def injected_self_attention(call, q, k, v, previous, source):
-        tgt = call.rows(TARGET)
+        every = call.rows(TARGET)  # `source` holds one row per target row, in this order
+        tgt = call.cond_rows(TARGET) if chunks == COND_ROWS else every
         if not tgt:
             return previous(q, k, v)
-        q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
-        return previous(q, k, v)
+        if len(tgt) != len(every):
+            chosen = set(tgt)
+            pick = [j for j, r in enumerate(every) if r in chosen]
+            source = {name: t[pick] for name, t in source.items()}
+        if masks is None:
+            q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
+            return previous(q, k, v)
+        return _masked(call, q, k, v, previous, source, tgt, [every.index(r) % call.layout.images for r in tgt])
+
+    def _masked(call, q, k, v, previous, source, tgt, image_of):
+        if call.map_hw is None:
+            raise RuntimeError("attention-edit: mask-guided MasaCtrl needs the latent size of the call, which the "
+                               "host did not pass (original_shape); this is a bug, please report it")
+        source_fg, target_fg = masks.at(call.map_hw, call.layout.images, q.device)
+        parts = []
+        others = [r for r in range(call.batch) if r not in set(tgt)]
+        if others:  # the source (and any other branch) attends to itself
+            parts.append((others, previous(q[others], k[others], v[others])))
+        for image in sorted(set(image_of)):
+            at = [j for j, i in enumerate(image_of) if i == image]  # this image's rows, each guidance half
+            rows = [tgt[j] for j in at]
+            parts.append((rows, masked_mutual_attention(previous, q[rows], source["k"][at].to(k),
+                                                        source["v"][at].to(v), source_fg[image], target_fg[image])))
+        out = parts[0][1].new_empty((call.batch,) + tuple(parts[0][1].shape[1:]))
+        for rows, value in parts:
+            out[rows] = value.to(out.dtype)
+        return out
 
     # Only the target rows change; the source's inputs are read where `active` says.
     add_attention_replace(m, "attn1", f"injection:{mode}", injected_self_attention, lambda key: key in selected,
                           effect=lambda branch: ("injection", reader) if branch == TARGET else None,
                           reads_source=SOURCE_INPUTS[mode], reader=reader, active=active)
     return m
+
+
+__all__ = ["apply_injection", "default_masactrl_layer", "fpe_steps", "ALL_ROWS", "COND_ROWS", "OFFICIAL_ROWS"]

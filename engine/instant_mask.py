@@ -12,10 +12,12 @@ from .patching import add_attention_replace
 
 
 class InstantMaskStrategy:
-    """InstDiffEdit's instant mask from the target branch's own cross-attention, made on the fly.
+    """InstDiffEdit's instant mask from the target branch's own cross-attention, made on the fly inside the
+    Edit Sampler (the pack's variant; the paper's own path is AttnEdit_InstantMaskEstimate + inpainting).
 
     A capture patch reads the conditional target rows' attention probabilities in the selected
-    low-resolution layers into the run's fixed-size running sum; the mask is recomputed from it each step.
+    low-resolution layers into the run's fixed-size running sum; the mask is recomputed from it each step
+    with the official rule, the word classes decided at the first step (attention/instant_mask.py).
     """
 
     needs_aux = False
@@ -23,10 +25,10 @@ class InstantMaskStrategy:
 
     def __init__(self, words: list[list[int]], edit_words: list[int] | None, map_side: float = 0.25,
                  object_similarity: float = 0.9, background_similarity: float = 0.6, blur_passes: int = 2,
-                 threshold: float = 0.2):
+                 threshold: float = 0.2, invert_start: bool = True):
         self.words, self.edit_words, self.map_side = words, edit_words, map_side
         self.settings = dict(object_similarity=object_similarity, background_similarity=background_similarity,
-                             blur_passes=blur_passes, threshold=threshold)
+                             blur_passes=blur_passes, threshold=threshold, invert_start=invert_start)
 
     def prepare(self, model):
         m = model.clone()
@@ -51,6 +53,7 @@ class InstantMaskRun(LatentReplaceRun):
         self.strategy = strategy
         self.accumulator = MapAccumulator()
         self.peak_stored = 0  # the largest the running sum got (elements): it never grows with steps
+        self.classes = None  # the word classes, decided at the first step and kept
 
     def capture(self, call: AttentionCall, q, k) -> None:
         s = self.strategy
@@ -67,4 +70,6 @@ class InstantMaskRun(LatentReplaceRun):
         if maps is None:
             return None
         s = self.strategy
-        return instant_mask(maps, s.words, tuple(like.shape[-2:]), edit_words=s.edit_words, **s.settings).to(like)
+        mask, self.classes = instant_mask(maps, s.words, tuple(like.shape[-2:]), edit_words=s.edit_words,
+                                          classes=self.classes, **s.settings)
+        return mask.to(like)

@@ -11,7 +11,7 @@ import comfy.patcher_extension
 import torch
 
 from ..attention.blocks import block_selected, parse_block_spec
-from ..attention.regulation import RegulationParams, gaussian_basis, regulate
+from ..attention.regulation import RegulationParams, gaussian_basis, layer_seed, regulate
 from .patching import add_attention_replace, transformer_blocks, unet_of
 from .tokens import occurrences, parse_words, prompt_words
 
@@ -172,8 +172,9 @@ def regulation_layers(model, blocks: str = DEFAULT_BLOCKS, map_side: float = DEF
 
 
 class _RunState:
-    """The previous step's smoothed bias per layer, for one sampling run: reset by an OUTER_SAMPLE
-    wrapper when a run starts (the host's per-run hook)."""
+    """Per layer, what `regulate` returned at the previous step (that step's optimum, which the official
+    code's moving average mixes in), for one sampling run: reset by an OUTER_SAMPLE wrapper when a run
+    starts (the host's per-run hook)."""
 
     def __init__(self):
         self.layers: dict = {}
@@ -241,7 +242,8 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
             k, v = k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1)
         index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
         out_rows, bias = regulate(q[index], k[index], v[index], call.heads, groups, keep, call.map_hw, step,
-                                  state.previous(call.block, step), params, basis=basis_for(call.map_hw, q.device))
+                                  state.previous(call.block, step), params, basis=basis_for(call.map_hw, q.device),
+                                  seed=layer_seed(call.block, step))
         state.store(call.block, step, bias)
         if len(rows) == q.shape[0]:
             return out_rows

@@ -10,6 +10,7 @@ from ..attention.layout import AUX, SOURCE, TARGET
 from ..engine.branches import Branch, sample_branches
 from ..engine.inversion import check_latent_fits, schedule
 from ..engine.masks import FixedMaskStrategy
+from ..engine.uniform import uniform_branches, uses_uniform_attention
 from .common import (
     CATEGORY,
     DEFAULT_SCHEDULER,
@@ -41,7 +42,9 @@ class EditSampler(io.ComfyNode):
                         "source prompt is the inversion's, the source is replayed from what the inversion kept "
                         "instead of run (same result, the cost of one generation; the log says which). "
                         "Generated image: connect a latent (EmptyLatentImage) and a seed; "
-                        "both branches start from the same noise.",
+                        "both branches start from the same noise. UAM (AttnEdit_AdaptiveMask, official recipe): "
+                        "a third, auxiliary branch starts from aux_inversion, a second inversion made with "
+                        "uniform attention; nothing is pinned.",
             inputs=[
                 io.Model.Input("model", tooltip="The model, patched with AttnEdit_SelfAttentionInjection and/or "
                                                 "AttnEdit_UniformAttention."),
@@ -57,7 +60,8 @@ class EditSampler(io.ComfyNode):
                                tooltip="With an inversion it must equal the inversion's scheduler."),
                 io.Boolean.Input("pin_source", default=True,
                                  tooltip="Real images: replace the source branch by the inversion trajectory at every "
-                                         "step (exact source reconstruction, as FPE and DirectInversion do)."),
+                                         "step (exact source reconstruction, as FPE and DirectInversion do). UAM's "
+                                         "official recipe (Adaptive Mask, two_trajectories) never pins."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Generated images: the noise both branches start from."),
                 # lazy: the prompts and masks are checked (check_lazy_status) before the inversion is run.
@@ -72,6 +76,11 @@ class EditSampler(io.ComfyNode):
                 io.Mask.Input("edit_mask", optional=True,
                               tooltip="Any ComfyUI MASK (1 = may change): outside it the edited image keeps the "
                                       "source exactly at every step. Used when no mask_strategy is connected."),
+                Inversion.Input("aux_inversion", optional=True, lazy=True,
+                                tooltip="UAM (Adaptive Mask, recipe two_trajectories): a second DDIM Inversion of "
+                                        "the same image, made with AttnEdit_UniformAttention on its model: the "
+                                        "auxiliary branch starts from it, source and target from 'inversion' "
+                                        "(made with normal attention). Only run when that recipe needs it."),
             ],
             outputs=[
                 io.Latent.Output("edited_latent", display_name="edited_latent",
@@ -89,9 +98,14 @@ class EditSampler(io.ComfyNode):
 
     @classmethod
     def check_lazy_status(cls, **inputs):
-        # Every other input has been evaluated: refuse bad prompts and masks before the inversion runs.
-        cls.check_inputs(**{k: v for k, v in inputs.items() if k != "inversion"})
-        return ["inversion"] if "inversion" in inputs and inputs["inversion"] is None else []
+        # Every other input has been evaluated: refuse bad prompts and masks before the inversions run.
+        cls.check_inputs(**{k: v for k, v in inputs.items() if k not in ("inversion", "aux_inversion")})
+        real = "inversion" in inputs
+        check_recipe(inputs.get("mask_strategy"), real, "aux_inversion" in inputs)
+        needed = ["inversion"] if real and inputs["inversion"] is None else []
+        if real and uses_aux_inversion(inputs.get("mask_strategy")) and inputs.get("aux_inversion", 0) is None:
+            needed.append("aux_inversion")
+        return needed
 
     @classmethod
     def check_inputs(cls, model, source, target, negative, mask_strategy=None, edit_mask=None, **_):
@@ -105,17 +119,23 @@ class EditSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, source, target, negative, cfg, steps, scheduler, pin_source, seed,
-                inversion=None, latent=None, mask_strategy=None, edit_mask=None) -> io.NodeOutput:
+                inversion=None, latent=None, mask_strategy=None, edit_mask=None, aux_inversion=None) -> io.NodeOutput:
         cls.check_inputs(model, source, target, negative, mask_strategy, edit_mask)
+        check_recipe(mask_strategy, inversion is not None, aux_inversion is not None)
         branches = [Branch(SOURCE, source, negative), Branch(TARGET, target, negative)]
         strategy = mask_strategy
         if strategy is None and edit_mask is not None:
             strategy = FixedMaskStrategy(edit_mask)
         if strategy is not None:
             model = strategy.prepare(model)
+        two_trajectories = inversion is not None and uses_aux_inversion(strategy)
         if strategy is not None and strategy.needs_aux:
-            # UAM's auxiliary reconstruction: the source prompt, its own negative (cfg is then a no-op).
-            branches.append(Branch(AUX, source, source))
+            # UAM's auxiliary reconstruction, unguided (its own prompt as the negative: cfg is a no-op). Official
+            # recipe: the unconditional prompt (the official code's, the negative here: the empty prompt of
+            # the paper); the pinned recipe: the source prompt, the inversion's, so that it is replayed.
+            aux_prompt = negative if two_trajectories else source
+            branches.append(Branch(AUX, aux_prompt, aux_prompt))
+        warn_about_uniform_attention(model, strategy)
         if inversion is not None:
             check_socket(inversion, "ATTN_EDIT_INVERSION", "inversion", "Edit Sampler")
             inversion.check_model(model)
@@ -127,9 +147,18 @@ class EditSampler(io.ComfyNode):
             images = inversion.images
             callback = latent_preview.prepare_callback(model, inversion.inverted_steps)
             # Pinned: the source, and UAM's auxiliary reconstruction (exact, and so replayable).
+            pin, starts = ((SOURCE, AUX) if pin_source else ()), None
+            if two_trajectories:  # UAM's official recipe: the auxiliary branch from its own inversion, no pinning
+                check_aux_inversion(inversion, aux_inversion, model, steps, scheduler)
+                pin, starts = (), {AUX: aux_inversion.latents[0]}
+                if pin_source:
+                    log.info("edit: UAM's two-trajectory recipe does not pin the source branch (pin_source has no "
+                             "effect; the Adaptive Mask's recipe uniform_pinned does)")
+            elif aux_inversion is not None:
+                log.warning("edit: aux_inversion is not used: only the Adaptive Mask's two_trajectories recipe "
+                            "starts a branch from it")
             run = sample_branches(model, branches, cfg, inversion.sigmas, full, images, trajectory=inversion.latents,
-                                  pin=(SOURCE, AUX) if pin_source else (), strategy=strategy, callback=callback,
-                                  handle=inversion)
+                                  pin=pin, strategy=strategy, callback=callback, handle=inversion, starts=starts)
             report_replay(run)
         elif latent is not None:
             samples = latent["samples"]
@@ -145,6 +174,58 @@ class EditSampler(io.ComfyNode):
         return io.NodeOutput(latent_output(edited), latent_output(run.latents[SOURCE]), image_mask(edited, run.mask))
 
 
+def uses_aux_inversion(strategy) -> bool:
+    """Whether the mask strategy is UAM's adaptive mask in its official recipe (an aux branch of its own)."""
+    return strategy is not None and getattr(strategy, "needs_aux", False) and getattr(strategy, "two_trajectories",
+                                                                                    False)
+
+
+def check_recipe(strategy, real_image: bool, aux_connected: bool) -> None:
+    if real_image and uses_aux_inversion(strategy) and not aux_connected:
+        raise ValueError("Edit Sampler: the Adaptive Mask's recipe two_trajectories (UAM's official code) starts the "
+                         "auxiliary branch from a uniform-attention inversion: connect 'aux_inversion' to a second "
+                         "DDIM Inversion of the image whose model has AttnEdit_UniformAttention (and invert "
+                         "'inversion' with the model before it), or set the Adaptive Mask's recipe to "
+                         "uniform_pinned for one pinned uniform-attention inversion")
+
+
+def check_aux_inversion(inversion, aux, model, steps: int, scheduler: str) -> None:
+    """The auxiliary inversion must be of the same image, model and schedule as the main one."""
+    check_socket(aux, "ATTN_EDIT_INVERSION", "aux_inversion", "Edit Sampler")
+    aux.check_model(model)
+    aux.check_steps(steps)
+    if aux.scheduler != scheduler:
+        raise ValueError(f"the aux_inversion used the '{aux.scheduler}' scheduler but '{scheduler}' was asked for: "
+                         f"use the same scheduler")
+    if aux.sigmas.shape != inversion.sigmas.shape or not torch.equal(aux.sigmas, inversion.sigmas):
+        raise ValueError("the aux_inversion covers another part of the schedule than the inversion: give both "
+                         "DDIM Inversions the same steps, scheduler and strength")
+    if aux.latent_shape != inversion.latent_shape:
+        raise ValueError(f"the aux_inversion is of latents of shape {aux.latent_shape} but the inversion of "
+                         f"{inversion.latent_shape}: invert the same image(s) twice")
+    if not uses_uniform_attention(kept_signature(aux)):
+        log.warning("edit: the aux_inversion was made without uniform attention: UAM's auxiliary branch starts from "
+                    "a uniform-attention inversion (put AttnEdit_UniformAttention on its DDIM Inversion's model)")
+    if uses_uniform_attention(kept_signature(inversion)):
+        log.warning("edit: the inversion was made with uniform attention: in UAM's official recipe source and target "
+                    "start from a normal-attention inversion (invert with the model before AttnEdit_UniformAttention)")
+
+
+def kept_signature(handle) -> tuple:
+    """The attention signature of the model an inversion was made with (what its inversion rows computed)."""
+    return getattr(getattr(handle, "record", None), "attention_signature", ())
+
+
+def warn_about_uniform_attention(model, strategy) -> None:
+    """Uniform attention on the source and target rows makes the edit ignore the prompts' content: say so."""
+    edited = uniform_branches(model, (SOURCE, TARGET))
+    if edited:
+        log.warning("edit: the model's Uniform Cross-Attention covers the %s branch (scope 'all'): their images "
+                    "ignore what the prompts say. Give the Edit Sampler a model with scope 'inversion_and_aux' "
+                    "(uniform attention only in the inversion and the auxiliary branch)", " and ".join(edited))
+    if strategy is not None and getattr(strategy, "needs_aux", False) and not uniform_branches(model, (AUX,)):
+        log.warning("edit: the Adaptive Mask's auxiliary branch runs with normal attention: put "
+                    "AttnEdit_UniformAttention (scope 'inversion_and_aux') on the Edit Sampler's model")
 
 
 

@@ -1,10 +1,71 @@
-"""AttnEdit_InstantMask: InstDiffEdit's instant attention mask for the Edit Sampler."""
+"""AttnEdit_InstantMask: InstDiffEdit's instant attention mask for the Edit Sampler (the pack's on-the-fly
+variant; the paper's own SDEdit-style estimation is AttnEdit_InstantMaskEstimate)."""
 
 from comfy_api.latest import io
 
 from ..engine.instant_mask import InstantMaskStrategy
 from ..engine.tokens import parse_words, prompt_word_positions, word_positions
 from .common import CATEGORY, MaskStrategy, check_widgets
+
+START_MAPS = ["inverted", "direct"]  # how the start token's map finds the index word (inverted: the paper)
+
+
+def prompt_word_groups(clip, target_prompt: str, words: str) -> tuple[list[list[int]], list[int] | None]:
+    """Token positions of every word of the prompt, and the indices among them of the user's named words
+    (None when none is named); a clear error for an empty prompt or a word not in it."""
+    if not target_prompt.strip():
+        raise ValueError("target_prompt is empty: paste the target prompt's text")
+    groups = prompt_word_positions(clip, target_prompt)
+    named = parse_words(words)
+    if not named:
+        if not groups:
+            raise ValueError(f"no word of \"{target_prompt}\" was found among its first 77 tokens")
+        return groups, None
+    positions = word_positions(clip, target_prompt, named)
+    for p in positions:
+        if p not in groups:
+            groups.append(p)  # a phrase: its tokens merged into one more map
+    return groups, [groups.index(p) for p in positions]
+
+
+def word_inputs() -> list:
+    """The inputs both instant-mask nodes share, in this order."""
+    return [
+        io.Clip.Input("clip", tooltip="The CLIP that encoded the target prompt: used to find its words."),
+        io.String.Input("target_prompt", multiline=True, default="",
+                        tooltip="The target prompt's text, exactly as given to its CLIPTextEncode."),
+        io.String.Input("words", default="",
+                        tooltip="Optional: the word(s) to edit, comma-separated (e.g. 'cat' or 'red car'); they "
+                                "take the place of the index word. Empty (the paper): the index word is the "
+                                "word whose map is most similar to the inverted start-token map."),
+    ]
+
+
+def rule_inputs() -> list:
+    return [
+        io.Float.Input("map_side", default=0.25, min=0.03125, max=1.0, step=0.03125,
+                       tooltip="Capture layers whose map side is this fraction of the latent side (0.25 = "
+                               "16x16 maps at 512 px, down and up blocks, as in the paper)."),
+        io.Float.Input("object_similarity", default=0.9, min=0.0, max=1.0, step=0.01,
+                       tooltip="Words whose map has at least this cosine similarity to the index word's map "
+                               "count as object (the paper: 0.9)."),
+        io.Float.Input("background_similarity", default=0.6, min=0.0, max=1.0, step=0.01,
+                       tooltip="Words at most this similar to the index word count as background and are "
+                               "subtracted (the paper: 0.6)."),
+        io.Int.Input("blur_passes", default=2, min=0, max=8,
+                     tooltip="Passes of a 5x5 Gaussian blur over the refined map (the paper uses 2)."),
+        io.Float.Input("threshold", default=0.2, min=0.0, max=1.0, step=0.01,
+                       tooltip="Threshold phi on the normalised map: 0.2 (the paper) leaves a margin "
+                               "around the object; raise it for a tighter mask."),
+    ]
+
+
+def start_map_input() -> io.Combo.Input:
+    return io.Combo.Input("start_map", options=START_MAPS, default="inverted", optional=True,
+                          tooltip="How the start token's map finds the index word when no word is named. "
+                                  "inverted (the paper): SD's start token attends to the background, so its "
+                                  "inverse marks the object. direct: for models whose start token attends to "
+                                  "the object (the pack's toy-world model does).")
 
 
 class InstantMask(io.ComfyNode):
@@ -14,54 +75,26 @@ class InstantMask(io.ComfyNode):
             node_id="AttnEdit_InstantMask",
             display_name="Instant Attention Mask (InstDiffEdit)",
             category=f"{CATEGORY}/masks",
-            description="InstDiffEdit's instant mask (arXiv 2401.07709) for AttnEdit_EditSampler: made on the fly from "
-                        "the target branch's own cross-attention at low resolution, no extra passes. Each step the "
-                        "edited latent outside the mask is replaced by the source (the inversion trajectory), so the "
-                        "unedited region comes back exactly. For InstDiffEdit's SDEdit-style start, invert with "
-                        "strength 0.5.",
-            inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP that encoded the target prompt: used to find its words."),
-                io.String.Input("target_prompt", multiline=True, default="",
-                                tooltip="The target prompt's text, exactly as given to its CLIPTextEncode."),
-                io.String.Input("words", default="",
-                                tooltip="Optional: the word(s) to edit, comma-separated (e.g. 'cat' or 'red "
-                                        "car'). Empty: objects are found through the start token's map."),
-                io.Float.Input("map_side", default=0.25, min=0.03125, max=1.0, step=0.03125,
-                               tooltip="Capture layers whose map side is this fraction of the latent side (0.25 = "
-                                       "16x16 maps at 512 px, down and up blocks, as in the paper)."),
-                io.Float.Input("object_similarity", default=0.9, min=0.0, max=1.0, step=0.01,
-                               tooltip="Words whose map has at least this cosine similarity to the inverted "
-                                       "start-token map count as object."),
-                io.Float.Input("background_similarity", default=0.6, min=0.0, max=1.0, step=0.01,
-                               tooltip="Words at most this similar count as background and are subtracted."),
-                io.Int.Input("blur_passes", default=2, min=0, max=8,
-                             tooltip="Passes of a 5x5 Gaussian blur over the mask (the paper uses 2)."),
-                io.Float.Input("threshold", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="Threshold phi on the normalised map: 0.2 (the paper) leaves a margin "
-                                       "around the object; raise it for a tighter mask."),
-            ],
+            description="The pack's on-the-fly variant of InstDiffEdit's instant mask (arXiv 2401.07709) for "
+                        "AttnEdit_EditSampler: made from the target branch's own cross-attention while the edit "
+                        "runs from a DDIM inversion, with the paper's mask rule. Each step the edited latent "
+                        "outside the mask is replaced by the source (the inversion trajectory), and the edited "
+                        "latent is the result. The paper's own path (random noise at strength 0.5, three noise "
+                        "samples, then stock inpainting inside the mask) is AttnEdit_InstantMaskEstimate.",
+            inputs=word_inputs() + rule_inputs() + [start_map_input()],
             outputs=[MaskStrategy.Output("mask_strategy", display_name="mask_strategy",
                                          tooltip="Connect to AttnEdit_EditSampler's mask_strategy.")],
         )
 
     @classmethod
-    def validate_inputs(cls, map_side, object_similarity, background_similarity, threshold):
+    def validate_inputs(cls, map_side, object_similarity, background_similarity, threshold, start_map="inverted"):
         return check_widgets(cls, map_side=map_side, object_similarity=object_similarity,
-                             background_similarity=background_similarity, threshold=threshold)
+                             background_similarity=background_similarity, threshold=threshold, start_map=start_map)
 
     @classmethod
     def execute(cls, clip, target_prompt, words, map_side, object_similarity, background_similarity, blur_passes,
-                threshold) -> io.NodeOutput:
-        if not target_prompt.strip():
-            raise ValueError("target_prompt is empty: paste the target prompt's text")
-        groups = prompt_word_positions(clip, target_prompt)
-        named = parse_words(words)
-        edit_words = None
-        if named:
-            positions = word_positions(clip, target_prompt, named)
-            for p in positions:
-                if p not in groups:
-                    groups.append(p)
-            edit_words = [groups.index(p) for p in positions]
+                threshold, start_map="inverted") -> io.NodeOutput:
+        groups, edit_words = prompt_word_groups(clip, target_prompt, words)
         return io.NodeOutput(InstantMaskStrategy(groups, edit_words, map_side, object_similarity,
-                                                 background_similarity, blur_passes, threshold))
+                                                 background_similarity, blur_passes, threshold,
+                                                 invert_start=start_map == "inverted"))

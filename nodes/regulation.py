@@ -1,6 +1,6 @@
 from comfy_api.latest import io
 
-from ..attention.regulation import RegulationParams
+from ..attention.regulation import RESTORES, RegulationParams
 from ..engine.patching import unet_of
 from ..engine.regulation import (
     DEFAULT_BLOCKS,
@@ -43,13 +43,13 @@ class AttentionRegulation(io.ComfyNode):
                 io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Regulate steps i < end_percent x N (the paper: 25 of 50 steps)."),
                 io.Int.Input("iterations", default=DEFAULTS.iterations, min=0, max=200,
-                             tooltip="Gradient-descent steps per layer and step (paper: 20). The best iterate is "
-                                     "kept. 0 = only restore start/end tokens, no bias."),
+                             tooltip="Gradient-descent steps per layer and step (paper: 20), from random weights "
+                                     "(seeded per layer and step). The iterate of lowest loss is kept. 0 = no bias."),
                 io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=0.0, max=10000.0, step=1.0,
                                tooltip="Gradient-descent step size on the bump weights (paper: 100)."),
                 io.Float.Input("ema", default=DEFAULTS.ema, min=0.0, max=1.0, step=0.01,
-                               tooltip="Weight of the previous step's bias in the moving average "
-                                       "(S = ema x S_prev + (1 - ema) x S_new; paper: 0.25)."),
+                               tooltip="Weight of the previous step's optimum in the moving average "
+                                       "(S = ema x S_best,prev + (1 - ema) x S_best; official: 0.25)."),
                 io.Float.Input("decay", default=DEFAULTS.decay, min=0.0, max=1.0, step=0.001,
                                tooltip="The bias applied at step i is decay^i x S (paper: 0.99)."),
                 io.Float.Input("peak_target", default=DEFAULTS.peak_target, min=0.0, max=1.0, step=0.01,
@@ -68,23 +68,29 @@ class AttentionRegulation(io.ComfyNode):
                                tooltip="Regulate the layers of those blocks whose maps are this fraction of the "
                                        "latent side (nearest power of two): 0.25 = 16x16 maps on SD at 512 px and "
                                        "32x32 on SDXL at 1024 px. 0 = every size (slow)."),
+                io.Combo.Input("restore", options=list(RESTORES), default=DEFAULTS.restore, optional=True,
+                               tooltip="Start and end tokens after the softmax get back their unbiased probability. "
+                                       "overwrite (official): nothing else changes, the targets keep their "
+                                       "regulated probability. renormalise: the other tokens are rescaled so every "
+                                       "row sums to one (what this node did before)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with attention regulation, for any sampler.")],
         )
 
     @classmethod
     def validate_inputs(cls, blocks, end_percent, learning_rate, ema, decay, peak_target, share_weight, beta,
-                        map_side):
+                        map_side, restore=DEFAULTS.restore):
         checked = check_widgets(cls, end_percent=end_percent, learning_rate=learning_rate, ema=ema, decay=decay,
-                                peak_target=peak_target, share_weight=share_weight, beta=beta, map_side=map_side)
+                                peak_target=peak_target, share_weight=share_weight, beta=beta, map_side=map_side,
+                                restore=restore)
         return checked if checked is not True else block_spec_error(blocks)
 
     @classmethod
     def execute(cls, model, clip, prompt, target_words, end_percent, iterations, learning_rate, ema, decay,
-                peak_target, share_weight, beta, blocks, map_side) -> io.NodeOutput:
+                peak_target, share_weight, beta, blocks, map_side, restore=DEFAULTS.restore) -> io.NodeOutput:
         unet_of(model)  # unsupported families first, then bad words and layers: all before any sampling
         plan = find_target_tokens(clip, prompt, target_words)
         regulation_layers(model, blocks, map_side)
         params = RegulationParams(iterations=iterations, learning_rate=learning_rate, ema=ema, decay=decay,
-                                  peak_target=peak_target, share_weight=share_weight, beta=beta)
+                                  peak_target=peak_target, share_weight=share_weight, beta=beta, restore=restore)
         return io.NodeOutput(apply_attention_regulation(model, plan, end_percent, params, blocks, map_side))

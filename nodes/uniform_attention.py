@@ -1,6 +1,6 @@
 from comfy_api.latest import io
 
-from ..engine.uniform import SCOPES, apply_uniform_attention
+from ..engine.uniform import SCOPE_INVERSION_AND_AUX, SCOPES, apply_uniform_attention
 from .common import CATEGORY, block_spec_error, check_widgets
 
 
@@ -17,11 +17,12 @@ class UniformAttention(io.ComfyNode):
                         "Cheaper than normal attention: no scores, no softmax.",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a patched clone is returned)."),
-                io.Combo.Input("scope", options=list(SCOPES), default=SCOPES[0],
-                               tooltip="'all': every row of every model call (use for UAM inversion, and in "
-                                       "stock samplers). 'inversion_and_aux': only the inversion branch and the "
-                                       "edit sampler's auxiliary reconstruction branch; the source and target "
-                                       "branches keep normal attention, and stock samplers are unaffected."),
+                io.Combo.Input("scope", options=list(SCOPES), default=SCOPE_INVERSION_AND_AUX,
+                               tooltip="'inversion_and_aux' (UAM's wiring): only DDIM Inversion and the Edit "
+                                       "Sampler's auxiliary reconstruction branch; the source and target branches "
+                                       "keep normal attention, and stock samplers are unaffected. 'all': every row "
+                                       "of every model call, in any sampler: only for a model that just inverts or "
+                                       "reconstructs (the Edit Sampler warns when its source and target get it)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where uniform attention starts (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,

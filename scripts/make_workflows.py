@@ -37,16 +37,21 @@ def decode_and_save(first_id, latent, prefix):
 
 
 def real_edit_uam(checkpoint=SD15, prefix="uam"):
-    """UAM: uniform-attention inversion with the empty prompt, MasaCtrl mutual self-attention in the edit,
-    adaptive mask blending with the auxiliary uniform-attention branch."""
+    """UAM, its official recipe: two empty-prompt inversions (normal attention for the source and target
+    branches, uniform attention for the auxiliary one), MasaCtrl mutual self-attention in the edit, adaptive
+    mask blending with the auxiliary uniform-attention branch (red line on), nothing pinned."""
     g = real_image_inputs(checkpoint)
     g.update({
         7: ("AttnEdit_UniformAttention", {"model": (1, 0), "scope": "inversion_and_aux"}),
-        8: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50}),
+        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
+            "Inversion, normal attention (source, target)"),
+        18: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
+             "Inversion, uniform attention (auxiliary branch)"),
         9: ("AttnEdit_SelfAttentionInjection", {"model": (7, 0), "mode": "masactrl"}),
-        15: ("AttnEdit_AdaptiveMask", {}),
+        15: ("AttnEdit_AdaptiveMask", {"recipe": "two_trajectories"}),
         10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (4, 0), "target": (6, 0), "negative": (4, 0),
-                                      "inversion": (8, 1), "steps": 50, "cfg": 7.5, "mask_strategy": (15, 0)}),
+                                      "inversion": (8, 1), "aux_inversion": (18, 1), "steps": 50, "cfg": 7.5,
+                                      "pin_source": False, "mask_strategy": (15, 0)}),
     })
     g.update(decode_and_save(11, (10, 0), f"attention-edit/{prefix}_edited"))
     g.update(decode_and_save(13, (10, 1), f"attention-edit/{prefix}_source"))
@@ -86,24 +91,30 @@ def generated_edit_fpe():
 
 
 def instant_mask_edit():
-    """InstDiffEdit: half-strength inversion, instant mask from the target's attention, mask previewed and
-    used for a stock inpainting pass over the edit."""
+    """InstDiffEdit as the paper runs it: the mask estimated from the target prompt's cross-attention over
+    three noise samples at strength 0.5 (SD1.5), then a stock inpainting pass inside it (SD1.5 inpainting
+    checkpoint, InpaintModelConditioning + KSampler, the target prompt)."""
+    inpainting = "sd-v1-5-inpainting.ckpt"
     g = real_image_inputs()
+    del g[5]  # no source prompt: the mask and the inpainting read the target prompt only
     g.update({
-        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50,
-                                       "strength": 0.5}),
-        9: ("AttnEdit_InstantMask", {"clip": (1, 1), "target_prompt": TARGET_PROMPT, "words": "blue"}),
-        10: ("AttnEdit_EditSampler", {"model": (1, 0), "source": (5, 0), "target": (6, 0), "negative": (4, 0),
-                                      "inversion": (8, 1), "steps": 50, "cfg": 7.5, "mask_strategy": (9, 0)}),
-        13: ("MaskToImage", {"mask": (10, 2)}),
-        14: ("PreviewImage", {"images": (13, 0)}, "Instant mask"),
-        15: ("SetLatentNoiseMask", {"samples": (10, 0), "mask": (10, 2)}),
-        16: ("KSampler", {"model": (1, 0), "positive": (6, 0), "negative": (4, 0), "latent_image": (15, 0),
+        8: ("AttnEdit_InstantMaskEstimate", {"model": (1, 0), "latent": (3, 0), "positive": (6, 0), "negative": (4, 0),
+                                             "clip": (1, 1), "target_prompt": TARGET_PROMPT, "words": "",
+                                             "strength": 0.5, "samples": 3, "seed": 0, "steps": 50, "cfg": 7.5},
+            "InstDiffEdit mask (strength 0.5, 3 noise samples)"),
+        9: ("MaskToImage", {"mask": (8, 0)}),
+        10: ("PreviewImage", {"images": (9, 0)}, "Instant mask"),
+        11: ("CheckpointLoaderSimple", {"ckpt_name": inpainting}, "Inpainting checkpoint"),
+        12: ("CLIPTextEncode", {"text": TARGET_PROMPT, "clip": (11, 1)}, "Target prompt (inpainting)"),
+        13: ("CLIPTextEncode", {"text": "", "clip": (11, 1)}, "Negative prompt (inpainting)"),
+        14: ("InpaintModelConditioning", {"positive": (12, 0), "negative": (13, 0), "vae": (11, 2), "pixels": (2, 0),
+                                          "mask": (8, 0), "noise_mask": True}),
+        15: ("KSampler", {"model": (11, 0), "positive": (14, 0), "negative": (14, 1), "latent_image": (14, 2),
                           "seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
-                          "denoise": 0.3}, "Optional inpainting pass inside the mask"),
+                          "denoise": 1.0}, "Inpainting inside the mask"),
+        16: ("VAEDecode", {"samples": (15, 0), "vae": (11, 2)}),
+        17: ("SaveImage", {"images": (16, 0), "filename_prefix": "attention-edit/instdiffedit_inpainted"}),
     })
-    g.update(decode_and_save(11, (10, 0), "attention-edit/instant_edited"))
-    g.update(decode_and_save(17, (16, 0), "attention-edit/instant_inpainted"))
     return g
 
 
@@ -155,7 +166,7 @@ def regulation_side_by_side():
 
 
 def sdxl_real_edit():
-    """The UAM recipe on SDXL (1024 px images)."""
+    """The UAM recipe (official: two inversions, nothing pinned) on SDXL (1024 px images)."""
     return real_edit_uam(SDXL, "sdxl")
 
 

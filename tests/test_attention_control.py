@@ -18,9 +18,12 @@ def uniform(model, scope="all", start=0.0, end=1.0, blocks="all"):
     return UniformAttention.execute(model=model, scope=scope, start_percent=start, end_percent=end, blocks=blocks).args[0]
 
 
-def inject(model, mode="fpe", ratio=0.8, max_side=0.5, start_step=4, start_layer=-1):
+def inject(model, mode="fpe", ratio=0.8, max_side=0.5, start_step=4, start_layer=-1, rows="official", mask=None,
+           target_mask=None):
     return SelfAttentionInjection.execute(model=model, mode=mode, fpe_ratio=ratio, fpe_max_map_side=max_side,
-                                          masactrl_start_step=start_step, masactrl_start_layer=start_layer).args[0]
+                                          masactrl_start_step=start_step, masactrl_start_layer=start_layer,
+                                          injection_rows=rows, masactrl_mask=mask,
+                                          masactrl_target_mask=target_mask).args[0]
 
 
 def invert(model, lat, cond):
@@ -83,6 +86,18 @@ def test_uniform_scope_and_step_window_gate_the_patch(world):
     assert (h_uam.latents[0] - h_plain.latents[0]).abs().max() > 1e-4
 
 
+def test_uniform_attention_defaults_to_the_official_scope(world):
+    """UAM's wiring: uniform attention in the inversion and the auxiliary branch only, so a model reused for the
+    edit keeps normal attention for the source and target (and in stock samplers)."""
+    from attention_edit.engine.uniform import apply_uniform_attention
+
+    name, model, lat, conds, noisy, _ = world
+    (scope,) = [i for i in UniformAttention.define_schema().inputs if i.id == "scope"]
+    assert scope.default == "inversion_and_aux" and scope.options == ["all", "inversion_and_aux"]
+    plain = stock(model, conds["src"], conds["empty"], noisy)
+    assert torch.equal(stock(apply_uniform_attention(model), conds["src"], conds["empty"], noisy), plain)
+
+
 def test_uniform_block_selection_and_errors(world):
     name, model, *_ = world
     with pytest.raises(ValueError, match="unknown block"):
@@ -135,6 +150,70 @@ def test_injection_does_nothing_outside_its_steps_and_layers(world):
     # Outside the edit sampler (no branch layout) the patch is inert.
     m = inject(model, "masactrl", start_step=0, start_layer=0)
     assert torch.equal(stock(m, conds["tgt"], conds["empty"], noisy), stock(model, conds["tgt"], conds["empty"], noisy))
+
+
+def test_fpe_counts_its_steps_as_the_official_code_rounding_down(world):
+    name, model, lat, conds, noisy, handle = world
+
+    def run(ratio):
+        return edit(inject(model, "fpe", ratio=ratio), conds["empty"], conds["tgt"], conds["empty"], handle=handle)[0]
+
+    # int(10 * 0.35) = 3 steps, as 0.3 gives; 0.4 gives 4.
+    assert torch.equal(run(0.35), run(0.3))
+    assert (run(0.35) - run(0.4)).abs().max() > 1e-4
+
+
+def test_fpe_changes_the_conditional_prediction_only_and_masactrl_both(world):
+    name, model, lat, conds, noisy, handle = world
+    src, tgt, neg = conds["src"], conds["tgt"], conds["empty"]
+    official, both = (edit(inject(model, "fpe", rows=rows), src, tgt, neg, handle=handle)[0]
+                      for rows in ("official", "cond_and_uncond"))
+    assert torch.equal(official, edit(inject(model, "fpe", rows="cond"), src, tgt, neg, handle=handle)[0])
+    assert (official - both).abs().max() > 1e-3  # the unconditional target keeps its own map
+    # At cfg 1 there is no unconditional prediction: the choice is moot.
+    assert torch.equal(edit(inject(model, "fpe"), src, tgt, neg, handle=handle, cfg=1.0)[0],
+                       edit(inject(model, "fpe", rows="cond_and_uncond"), src, tgt, neg, handle=handle, cfg=1.0)[0])
+    m_official, m_both, m_cond = (edit(inject(model, "masactrl", start_step=1, rows=rows), src, tgt, neg, handle=handle)[0]
+                                  for rows in ("official", "cond_and_uncond", "cond"))
+    assert torch.equal(m_official, m_both) and (m_official - m_cond).abs().max() > 1e-3
+
+
+def test_masactrl_mask_separates_foreground_and_background(world):
+    name, model, lat, conds, noisy, handle = world
+    src, tgt, neg = conds["empty"], conds["tgt"], conds["empty"]
+
+    def run(**kw):
+        return edit(inject(model, "masactrl", start_step=1, start_layer=0, **kw), src, tgt, neg, handle=handle)[0]
+
+    plain = run()
+    half = torch.zeros(1, 128, 128)
+    half[:, :, :64] = 1.0
+    masked = run(mask=half)
+    assert (masked - plain).abs().max() > 1e-3
+    # All foreground, or none: every target query reads every source key, as without a mask.
+    tiny.assert_same_computation(run(mask=torch.ones(1, 128, 128)), plain, effect=masked - plain)
+    tiny.assert_same_computation(run(mask=torch.zeros(1, 128, 128)), plain, effect=masked - plain)
+    # The target's own mask, when given, decides which part each target position reads.
+    moved = run(mask=half, target_mask=half.flip(-1))
+    assert (moved - masked).abs().max() > 1e-3
+    # A soft mask is split at one half.
+    tiny.assert_same_computation(run(mask=half * 0.6), masked, effect=masked - plain)
+
+
+def test_masactrl_mask_errors(world):
+    name, model, lat, conds, noisy, handle = world
+    mask = torch.ones(1, 128, 128)
+    with pytest.raises(ValueError, match="mode to 'masactrl'"):
+        inject(model, "fpe", mask=mask)
+    with pytest.raises(ValueError, match="needs masactrl_mask"):
+        inject(model, "masactrl", target_mask=mask)
+    with pytest.raises(ValueError, match="NaN"):
+        inject(model, "masactrl", mask=torch.full((1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="batch of 3 masks"):
+        edit(inject(model, "masactrl", start_step=0, mask=mask.repeat(3, 1, 1)), conds["empty"], conds["tgt"],
+             conds["empty"], handle=handle)
+    assert "injection_rows" in SelfAttentionInjection.validate_inputs(mode="fpe", fpe_ratio=0.8, fpe_max_map_side=0.5,
+                                                                      injection_rows="uncond")
 
 
 def test_masactrl_default_layer_means_the_same_on_every_family(world):

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from attention_edit.attention.blocks import block_selected, map_size, parse_block_spec
-from attention_edit.attention.injection import FPE, MASACTRL, source_inputs, substitute_inputs
+from attention_edit.attention.injection import (
+    FPE,
+    MASACTRL,
+    injected_chunks,
+    mask_at,
+    masked_mutual_attention,
+    source_inputs,
+    substitute_inputs,
+)
 from attention_edit.attention.layout import AUX, SOURCE, TARGET, BranchLayout
 from attention_edit.attention.schedule import position_in_schedule
 from attention_edit.attention.uniform import uniform_attention
@@ -60,6 +68,62 @@ def test_injection_equals_its_formula(mode):
         assert torch.allclose(out[t:t + 1], expected, atol=1e-5)
         # source rows unchanged
         assert torch.allclose(out[s:s + 1], explicit_attention(src_(q), src_(k), src_(v), heads=2), atol=1e-5)
+
+
+def test_each_mode_changes_the_guidance_halves_its_official_code_changes():
+    # FPE's controller edits attn[h // 2:], the conditional half; MasaCtrl's runs in both halves.
+    assert injected_chunks(FPE, "official") == "cond"
+    assert injected_chunks(MASACTRL, "official") == "cond_and_uncond"
+    for mode in (FPE, MASACTRL):
+        assert injected_chunks(mode, "cond") == "cond" and injected_chunks(mode, "cond_and_uncond") == "cond_and_uncond"
+    with pytest.raises(ValueError, match="rows"):
+        injected_chunks(FPE, "uncond")
+
+
+def test_masks_are_resized_by_nearest_neighbour_and_split_at_one_half():
+    mask = torch.tensor([[0.0, 0.1, 1.0, 1.0],
+                         [0.0, 0.0, 1.0, 1.0],
+                         [0.5, 0.0, 0.49, 0.0],
+                         [0.0, 0.0, 0.0, 0.0]])
+    # nearest: source index floor(i * 4 / 2) = 0, 2 in each direction
+    assert mask_at(mask, (2, 2)).tolist() == [[False, True, True, False]]
+    assert mask_at(mask[None].expand(3, -1, -1), (4, 4)).shape == (3, 16)
+
+
+def masked_reference(q, k, v, heads, keys):
+    """Attention whose scores outside `keys` are -inf; no keys at all: every key weighs the same."""
+    b, n, c = q.shape
+    d = c // heads
+    qh, kh = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k))
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(d)
+    if keys.any():
+        scores = scores.masked_fill(~keys, float("-inf"))
+    else:
+        scores = torch.zeros_like(scores)
+    return explicit_attention(q, k, v, heads, probs=torch.softmax(scores, dim=-1))
+
+
+def test_mask_guided_mutual_attention_splits_foreground_and_background():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def kernel(q, k, v):
+        return explicit_attention(q, k, v, heads=2)
+
+    source_fg = torch.tensor([True, True, False, False, True, False])
+    target_fg = torch.tensor([False, True, True, False, False, True])
+    out = masked_mutual_attention(kernel, q, k, v, source_fg, target_fg)
+    fg, bg = masked_reference(q, k, v, 2, source_fg), masked_reference(q, k, v, 2, ~source_fg)
+    m = target_fg.double()[None, :, None]
+    assert torch.allclose(out, fg * m + bg * (1 - m), atol=1e-12)
+    # A source with no foreground at this resolution: the official offset leaves every key equal there.
+    none = torch.zeros(6, dtype=torch.bool)
+    out = masked_mutual_attention(kernel, q, k, v, none, target_fg)
+    expected = v.mean(dim=1, keepdim=True) * m + kernel(q, k, v) * (1 - m)
+    assert torch.allclose(out, expected, atol=1e-12)
+    # Everything foreground is plain mutual attention.
+    every = torch.ones(6, dtype=torch.bool)
+    assert torch.allclose(masked_mutual_attention(kernel, q, k, v, every, every), kernel(q, k, v), atol=1e-12)
 
 
 def test_layout_rows_per_chunk_and_call():

@@ -98,7 +98,8 @@ def test_a_batch_with_the_adaptive_mask_and_a_pinned_source_edits_every_image():
     lat = torch.cat([tiny.latent(seed=s) for s in (1, 2, 3)])
     empty, tgt = tiny.conditioning(name, 1), tiny.conditioning(name, 3)
     _, handle = invert(model, lat, empty)
-    strategy = AdaptiveMask.execute(lambda_max=0.5, t_mask=1000.0, dilation="edit_region", blend_source=False).args[0]
+    strategy = AdaptiveMask.execute(lambda_max=0.5, t_mask=1000.0, dilation="edit_region", blend_source=False,
+                                    recipe="uniform_pinned").args[0]
     out = EditSampler.execute(model=inject(model, "masactrl"), source=empty, target=tgt, negative=empty, cfg=7.5,
                               steps=STEPS, scheduler="ddim_uniform", pin_source=True, seed=0, inversion=handle,
                               mask_strategy=strategy).args

@@ -58,7 +58,7 @@ def test_readme_tables_come_from_result_records(tmp_path):
     table.update_readme(table.tables([results]), readme)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| UAM: uniform-attention inversion + MasaCtrl + adaptive mask | 0.750 |" in text
+    assert "| UAM (official): normal + uniform inversions, MasaCtrl, adaptive mask | 0.750 |" in text
     assert "| recolour |" in text and "| 0.500 |" in text
     assert "| `uniform.overhead_ratio` | 0.900 | ≤ 1 (met) |" in text
     assert "cpu: test" in text

@@ -1,28 +1,33 @@
-"""Instant-mask math on synthetic attention with a known object region."""
+"""Instant-mask math (InstDiffEdit's rule) on synthetic attention with a known object region."""
 
 import torch
 
 from attention_edit.attention.instant_mask import (
     MapAccumulator,
     attention_probabilities,
+    classify_words,
+    cue_maps,
     gaussian_blur,
     instant_mask,
+    mean_over_samples,
     normalise,
+    opencv_sigma,
     refined_map,
     word_maps,
 )
 
 SIDE = 16
+WORDS = [[1], [2, 3], [4], [5], [6], [7]]
 
 
-def synthetic_maps(obj_box=(4, 12, 3, 9), tokens=8):
-    """(1, tokens, 16, 16) attention: token 0 = start (background-heavy), token 2-3 = a two-token object
-    word on the box, token 5 = a background word, others flat."""
+def synthetic_maps(obj_box=(4, 12, 3, 9), tokens=8, start_on_object=False):
+    """(1, tokens, 16, 16) attention: token 0 = start (on the background, as in SD, or on the object), tokens
+    2-3 = a two-token object word on the box, token 5 = a background word, others flat."""
     y0, y1, x0, x1 = obj_box
     inside = torch.zeros(SIDE, SIDE)
     inside[y0:y1, x0:x1] = 1.0
     maps = torch.full((1, tokens, SIDE, SIDE), 0.05)
-    maps[0, 0] = 0.9 - 0.8 * inside  # the start token attends to the background
+    maps[0, 0] = 0.1 + 0.8 * inside if start_on_object else 0.9 - 0.8 * inside
     maps[0, 2] = 0.05 + 0.6 * inside
     maps[0, 3] = 0.05 + 0.5 * inside
     maps[0, 5] = 0.05 + 0.3 * (1 - inside)
@@ -37,41 +42,89 @@ def iou(a, b):
 
 def test_recovers_a_known_object_region():
     maps, inside = synthetic_maps()
-    words = [[1], [2, 3], [4], [5], [6], [7]]
     latent = 4 * SIDE  # maps at a quarter of the latent side, as at 512 px
-    truth = inside.repeat_interleave(4, 0).repeat_interleave(4, 1).bool()
-    for edit_words in ([1], None):  # the user's word, or found through the start token
-        tight = instant_mask(maps, words, (latent, latent), edit_words=edit_words, threshold=0.5)[0, 0]
-        assert iou(tight, truth) >= 0.9
-        # The paper's phi = 0.2 keeps a margin: the whole object plus at most a few latent pixels.
-        generous = instant_mask(maps, words, (latent, latent), edit_words=edit_words)[0, 0].bool()
-        assert bool(generous[truth].all()) and iou(generous, truth) >= 0.75
+    small = torch.nn.functional.avg_pool2d(maps, 4)  # 4x4 maps, resized to the 16x16 latent by the rule
+    truth = inside.bool()
+    for edit_words in ([1], None):  # the user's word, or the index word found through the start token
+        tight, classes = instant_mask(maps, WORDS, (latent, latent), edit_words=edit_words, threshold=0.5)
+        big_truth = inside.repeat_interleave(4, 0).repeat_interleave(4, 1).bool()
+        assert iou(tight[0, 0], big_truth) >= 0.8
+        assert classes.is_object[0].tolist() == [False, True, False, False, False, False]
+        assert classes.is_background[0, 3]  # the background word is subtracted
+        if edit_words is None:
+            assert int(classes.index[0]) == 1  # the object word is the map most like the inverted start token
+        # The paper's phi = 0.2 takes the whole object (but for a corner pixel) and nothing far outside it;
+        # from 4x4 maps on a 16x16 latent (the toy world's sizes) the blurred corners fall away.
+        generous = instant_mask(maps, WORDS, (latent, latent), edit_words=edit_words)[0][0, 0].bool()
+        assert float(generous[big_truth].float().mean()) >= 0.95 and iou(generous, big_truth) >= 0.9
+        coarse = instant_mask(small, WORDS, (SIDE, SIDE), edit_words=edit_words)[0][0, 0].bool()
+        assert float(coarse[truth].float().mean()) >= 0.9 and float(coarse[~truth].float().mean()) < 0.05
 
 
-def test_word_merging_start_inversion_and_refinement_by_hand():
-    maps = torch.zeros(1, 3, 2, 2)
+def test_index_word_then_classes_by_similarity_to_it():
+    maps = torch.zeros(1, 5, 2, 2)
     maps[0, 0] = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # start: background everywhere but bottom right
     maps[0, 1] = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # an object token
-    maps[0, 2] = torch.tensor([[0.0, 0.0], [0.0, 0.5]])
-    merged = word_maps(maps, [[1, 2]])
-    assert torch.equal(merged[0, 0], torch.tensor([[0.0, 0.0], [0.0, 0.75]]))
-    # inverted start = [[0,0],[0,1]]; word [1,2] normalised = same map: cosine 1 -> object.
-    refined = refined_map(maps, [[1, 2]])
-    assert torch.allclose(refined[0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
-    # A background word (cosine 0 <= 0.6) is subtracted and the result clamped at 0.
-    maps2 = torch.cat([maps, torch.tensor([[[[1.0, 1.0], [1.0, 0.2]]]])], dim=1)
-    refined2 = refined_map(maps2, [[1, 2], [3]])
-    assert refined2.min() >= 0
-    assert torch.allclose(refined2[0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    maps[0, 2] = torch.tensor([[0.0, 0.0], [0.0, 0.5]])  # the same word's second token
+    maps[0, 3] = torch.tensor([[0.0, 0.1], [0.0, 1.0]])  # a word close to the object word (cos 0.995)
+    maps[0, 4] = torch.tensor([[1.0, 1.0], [1.0, 0.2]])  # a background word (cos 0.2 to the object word)
+    words = [[1, 2], [3], [4]]
+    assert torch.equal(word_maps(maps, [[1, 2]])[0, 0], torch.tensor([[0.0, 0.0], [0.0, 0.75]]))
+    start, per_word = cue_maps(maps, words, (2, 2))
+    assert torch.equal(start[0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))  # inverted, normalised
+    classes = classify_words(start, per_word)
+    assert int(classes.index[0]) == 0
+    assert classes.is_object[0].tolist() == [True, True, False]
+    assert classes.is_background[0].tolist() == [False, False, True]
+    refined = refined_map(per_word, classes)
+    assert refined.min() >= 0 and torch.allclose(refined[0], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    # Without a background word the refined map is the normalised object mean.
+    classes = classify_words(start, per_word[:, :2])
+    assert not classes.is_background.any()
+    assert torch.allclose(refined_map(per_word[:, :2], classes)[0], normalise(per_word[:, :2].mean(1))[0])
 
 
-def test_blur_preserves_mass_and_normalise_spans_zero_to_one():
-    x = torch.zeros(1, 1, 9, 9)
+def test_a_named_word_is_the_index_even_where_the_start_token_sits_on_the_object():
+    """Where the start token attends to the object (the toy-world model's does), the old rule compared every
+    word with the inverted start map: the object's own words came out as background and the named word's
+    mask was empty. With the named word as the index they are object."""
+    maps, inside = synthetic_maps(start_on_object=True)
+    mask, classes = instant_mask(maps, WORDS, (SIDE, SIDE), edit_words=[1])
+    assert classes.is_object[0, 1] and not classes.is_background[0, 1] and classes.is_background[0, 3]
+    assert iou(mask[0, 0], inside) >= 0.6
+    # No word named: the inverted start map marks the background, so the index word is the background word
+    # (the paper's rule, on such a model); start_map "direct" takes the map as it is and finds the object.
+    inverted, classes = instant_mask(maps, WORDS, (SIDE, SIDE))
+    assert int(classes.index[0]) != 1 and iou(inverted[0, 0], inside) < 0.2 and inverted[0, 0][inside == 0].mean() > 0.9
+    direct, classes = instant_mask(maps, WORDS, (SIDE, SIDE), invert_start=False)
+    assert int(classes.index[0]) == 1 and iou(direct[0, 0], inside) >= 0.6
+
+
+def test_given_classes_are_kept():
+    maps, _ = synthetic_maps()
+    first = instant_mask(maps, WORDS, (SIDE, SIDE))[1]
+    other, _ = synthetic_maps(obj_box=(0, 5, 10, 16))
+    mask, kept = instant_mask(other, WORDS, (SIDE, SIDE), classes=first)
+    assert kept is first and mask.sum() > 0
+
+
+def test_blur_is_opencvs_and_normalise_spans_zero_to_one():
+    assert abs(opencv_sigma(5) - 1.1) < 1e-12
+    x = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
     x[0, 0, 4, 4] = 1.0
     blurred = gaussian_blur(x)
-    assert abs(float(blurred.sum()) - 1.0) < 1e-5 and blurred[0, 0, 4, 4] < 1.0
+    assert abs(float(blurred.sum()) - 1.0) < 1e-12 and blurred[0, 0, 4, 4] < 1.0
+    g = torch.exp(-(torch.arange(5, dtype=torch.float64) - 2) ** 2 / (2 * 1.1 ** 2))
+    g = g / g.sum()
+    assert torch.allclose(blurred[0, 0, 2:7, 2:7], g[:, None] * g[None, :])
+    # Border: mirrored without repeating the edge pixel (BORDER_REFLECT_101).
+    edge = torch.zeros(1, 1, 9, 9, dtype=torch.float64)
+    edge[0, 0, 1, 4] = 1.0  # next to the top edge: row -1 mirrors row 1
+    col = gaussian_blur(edge)[0, 0, :, 4]
+    assert torch.allclose(col[:3], torch.stack([g[1] + g[3], g[2] + g[0], g[1]]) * g[2])
     n = normalise(torch.tensor([[[[2.0, 4.0], [3.0, 6.0]]]]))
     assert n.min() == 0 and n.max() == 1
+    assert normalise(torch.ones(1, 1, 3, 3)).abs().max() == 0  # a flat map becomes 0, not NaN
 
 
 def test_probabilities_and_fixed_size_accumulation():
@@ -86,3 +139,12 @@ def test_probabilities_and_fixed_size_accumulation():
         sizes.append(acc.stored_elements())
     assert len(set(sizes)) == 1 and sizes[0] == 2 * 77 * 16  # nothing grows with the calls
     assert torch.allclose(acc.mean(), p.transpose(1, 2).reshape(2, 77, 4, 4))
+    # A context repeated to 154 tokens in a batched call keeps the first chunk's 77 in the same buffer.
+    acc.add(torch.cat([p, p], dim=-1) / 2, (4, 4))
+    assert acc.stored_elements() == sizes[0] and acc.count == 51
+
+
+def test_samples_are_averaged_per_image():
+    maps = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2)  # 3 samples x 2 images, sample-major
+    mean = mean_over_samples(maps, 3)
+    assert torch.equal(mean, torch.stack([maps[[0, 2, 4]].mean(0), maps[[1, 3, 5]].mean(0)]))

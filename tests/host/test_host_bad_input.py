@@ -56,7 +56,8 @@ def uam_graph(toy: str, batch: int = 1) -> dict:
     graph[INVERSION]["inputs"]["model"] = [UNIFORM, 0]
     graph[INJECTION]["inputs"]["model"] = [UNIFORM, 0]
     graph[MASK] = {"class_type": "AttnEdit_AdaptiveMask",
-                   "inputs": {"lambda_max": 0.5, "t_mask": 1000.0, "dilation": "edit_region", "blend_source": False}}
+                   "inputs": {"lambda_max": 0.5, "t_mask": 1000.0, "dilation": "edit_region", "blend_source": False,
+                              "recipe": "uniform_pinned"}}
     graph[EDIT]["inputs"]["mask_strategy"] = [MASK, 0]
     return graph
 
