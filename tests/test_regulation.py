@@ -173,12 +173,15 @@ def test_best_iterate_is_chosen_over_all_rows_and_heads_together():
     assert len(set(losses.argmin(0).tolist()) | {int(losses.sum(1).argmin())}) > 1
 
 
-def test_start_end_overwritten_without_renormalising():
+def restore_case():
+    """Scores of 4 rows x 64 queries x 77 tokens, two targets (one of two tokens), a bias, start and end."""
     torch.manual_seed(1)
-    scores = torch.randn(4, 64, 77) * 2
-    groups = [torch.tensor([5]), torch.tensor([8, 9])]
-    bias = torch.randn(4, 2, 64) * 3
-    keep = torch.tensor([0, 12])
+    return torch.randn(4, 64, 77) * 2, [torch.tensor([5]), torch.tensor([8, 9])], torch.randn(4, 2, 64) * 3, \
+        torch.tensor([0, 12])
+
+
+def test_start_end_overwritten_without_renormalising():
+    scores, groups, bias, keep = restore_case()
     p0 = scores.softmax(-1)
     full = scores.clone()
     full[..., 5] += bias[:, 0]
@@ -199,11 +202,7 @@ def test_start_end_overwritten_without_renormalising():
 
 
 def test_restore_renormalise_keeps_rows_normalised_and_non_target_order():
-    torch.manual_seed(1)
-    scores = torch.randn(4, 64, 77) * 2
-    groups = [torch.tensor([5]), torch.tensor([8, 9])]
-    bias = torch.randn(4, 2, 64) * 3
-    keep = torch.tensor([0, 12])
+    scores, groups, bias, keep = restore_case()
     p0 = scores.softmax(-1)
     p = R.regulated_probs(scores, groups, bias, keep, "renormalise")
     torch.testing.assert_close(p.sum(-1), torch.ones(4, 64))
