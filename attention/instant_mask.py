@@ -11,7 +11,8 @@ the paper and its official code:
 3. words whose map has cosine >= 0.9 to the index word's map are object, <= 0.6 background (the index
    word itself is object); these classes are decided once, at the first step, and kept after;
 4. refined map = normalise(mean of object maps) - normalise(mean of background maps), clamped at 0
-   (just the normalised object mean when no word is background);
+   (just the normalised object mean when no word is background, and, a guard of the pack's, when the
+   subtraction leaves nothing: the official code then returns an empty mask);
 5. a 5x5 Gaussian blur twice (sigma 1.1, what OpenCV derives for a 5x5 kernel), min-max normalisation,
    and the mask is where the map exceeds phi = 0.2.
 """
@@ -147,8 +148,15 @@ def classify_words(start_cue: torch.Tensor, per_word: torch.Tensor, edit_words: 
     return WordClasses(index, is_object, is_background)
 
 
-def refined_map(per_word: torch.Tensor, classes: WordClasses) -> torch.Tensor:
-    """normalise(mean object map) - normalise(mean background map), clamped at 0: (images, H, W)."""
+def refined_map(per_word: torch.Tensor, classes: WordClasses, min_object_left: float = 0.0) -> torch.Tensor:
+    """normalise(mean object map) - normalise(mean background map), clamped at 0: (images, H, W).
+
+    When the subtraction leaves at most `min_object_left` anywhere (its peak; the object map's peak is 1),
+    the object map alone is used, as where no word is background. With the default 0 this happens only
+    where the subtraction leaves nothing at all: the background words' maps cover the object words' map
+    everywhere (a lone object that every word attends to), and the official rule would give an empty mask,
+    an edit that silently changes nothing. Raise it (e.g. 0.5) to keep the object where the subtraction
+    removes most of it."""
 
     def mean_of(chosen: torch.Tensor) -> torch.Tensor:
         w = chosen.float()[..., None, None]
@@ -157,7 +165,9 @@ def refined_map(per_word: torch.Tensor, classes: WordClasses) -> torch.Tensor:
     objects = normalise(mean_of(classes.is_object))
     has_background = classes.is_background.any(dim=1)[:, None, None]
     background = normalise(mean_of(classes.is_background))
-    return torch.where(has_background, (objects - background).clamp_min(0.0), objects)
+    subtracted = (objects - background).clamp_min(0.0)
+    left = subtracted.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(has_background & (left > min_object_left), subtracted, objects)
 
 
 def binary_mask(refined: torch.Tensor, blur_passes: int = 2, threshold: float = 0.2) -> torch.Tensor:
@@ -172,13 +182,13 @@ def instant_mask(maps: torch.Tensor, words: list[list[int]], latent_side: tuple[
                  start_index: int = START_TOKEN, edit_words: list[int] | None = None,
                  classes: WordClasses | None = None, object_similarity: float = 0.9,
                  background_similarity: float = 0.6, blur_passes: int = 2, threshold: float = 0.2,
-                 invert_start: bool = True) -> tuple[torch.Tensor, WordClasses]:
+                 invert_start: bool = True, min_object_left: float = 0.0) -> tuple[torch.Tensor, WordClasses]:
     """The binary edit mask (images, 1, H, W) at latent resolution from the mean maps (images, tokens, h, w),
     and the word classes it used: `classes` when given (those of the first step), else decided now."""
     start_cue, per_word = cue_maps(maps, words, latent_side, start_index, invert_start)
     if classes is None:
         classes = classify_words(start_cue, per_word, edit_words, object_similarity, background_similarity)
-    return binary_mask(refined_map(per_word, classes), blur_passes, threshold), classes
+    return binary_mask(refined_map(per_word, classes, min_object_left), blur_passes, threshold), classes
 
 
 def mean_over_samples(maps: torch.Tensor, samples: int) -> torch.Tensor:

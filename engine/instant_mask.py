@@ -25,10 +25,11 @@ class InstantMaskStrategy:
 
     def __init__(self, words: list[list[int]], edit_words: list[int] | None, map_side: float = 0.25,
                  object_similarity: float = 0.9, background_similarity: float = 0.6, blur_passes: int = 2,
-                 threshold: float = 0.2, invert_start: bool = True):
+                 threshold: float = 0.2, invert_start: bool = True, min_object_left: float = 0.0):
         self.words, self.edit_words, self.map_side = words, edit_words, map_side
         self.settings = dict(object_similarity=object_similarity, background_similarity=background_similarity,
-                             blur_passes=blur_passes, threshold=threshold, invert_start=invert_start)
+                             blur_passes=blur_passes, threshold=threshold, invert_start=invert_start,
+                             min_object_left=min_object_left)
 
     def prepare(self, model):
         m = model.clone()

@@ -57,11 +57,12 @@ class MaskSettings:
     blur_passes: int = 2
     threshold: float = 0.2
     invert_start: bool = True
+    min_object_left: float = 0.0  # see attention.instant_mask.refined_map: 0 keeps the official rule
 
     def rule(self) -> dict:
         return dict(edit_words=self.edit_words, object_similarity=self.object_similarity,
                     background_similarity=self.background_similarity, blur_passes=self.blur_passes,
-                    threshold=self.threshold, invert_start=self.invert_start)
+                    threshold=self.threshold, invert_start=self.invert_start, min_object_left=self.min_object_left)
 
 
 @dataclass

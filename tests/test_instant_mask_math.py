@@ -148,3 +148,46 @@ def test_samples_are_averaged_per_image():
     maps = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2)  # 3 samples x 2 images, sample-major
     mean = mean_over_samples(maps, 3)
     assert torch.equal(mean, torch.stack([maps[[0, 2, 4]].mean(0), maps[[1, 3, 5]].mean(0)]))
+
+
+def lone_object_maps(background_on_object: float):
+    """(1, 3, 16, 16) maps of a lone object (a 4x4 box) that the background word attends to as well: token 1 is
+    the object word (1 on the box), token 2 the background word (`background_on_object` on the box, 0.5 on
+    the rest, 0 in one far corner and 1 in the opposite one, so its cosine to the object word stays under 0.6
+    and its peak is 1 whatever it is on the box)."""
+    inside = torch.zeros(SIDE, SIDE)
+    inside[6:10, 6:10] = 1.0
+    maps = torch.zeros(1, 3, SIDE, SIDE)
+    maps[0, 0] = 1.0 - inside
+    maps[0, 1] = inside
+    maps[0, 2] = 0.5 * (1 - inside) + background_on_object * inside
+    maps[0, 2, 0, 0] = 0.0
+    maps[0, 2, -1, -1] = 1.0
+    return maps, inside
+
+
+def test_a_subtraction_that_leaves_nothing_keeps_the_object_map():
+    """Every word of a lone-object prompt attends to the one object (the toy-world model's do): the background
+    word's normalised map covers the object word's, the official subtraction leaves nothing and its mask is
+    empty, an edit that silently changes nothing. The guard then takes the object map, as the rule does where
+    no word is background."""
+    maps, inside = lone_object_maps(background_on_object=1.0)
+    start, per_word = cue_maps(maps, [[1], [2]], (SIDE, SIDE))
+    classes = classify_words(start, per_word, edit_words=[0])
+    assert classes.is_background[0].tolist() == [False, True]
+    assert float((normalise(per_word[:, 0]) - normalise(per_word[:, 1])).clamp_min(0).max()) == 0.0  # official: empty
+    mask, _ = instant_mask(maps, [[1], [2]], (SIDE, SIDE), edit_words=[0])
+    near = torch.zeros(SIDE, SIDE, dtype=torch.bool)
+    near[4:12, 4:12] = True  # the box and the margin of two pixels the blur and phi = 0.2 leave around it
+    assert mask[0, 0][inside.bool()].all() and not mask[0, 0][~near].any()
+    assert torch.equal(refined_map(per_word, classes), normalise(per_word[:, 0]))
+
+
+def test_where_the_subtraction_leaves_something_the_official_rule_stands_unless_asked():
+    maps, _ = lone_object_maps(background_on_object=0.9)
+    start, per_word = cue_maps(maps, [[1], [2]], (SIDE, SIDE))
+    classes = classify_words(start, per_word, edit_words=[0])
+    official = (normalise(per_word[:, 0]) - normalise(per_word[:, 1])).clamp_min(0)
+    assert 0 < float(official.max()) < 0.5  # the subtraction removes most of the object
+    assert torch.equal(refined_map(per_word, classes), official)
+    assert torch.equal(refined_map(per_word, classes, min_object_left=0.5), normalise(per_word[:, 0]))
