@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patching import unet_of
+from .patching import model_family
 from .replay import SourceRecord
 
 
@@ -41,7 +41,7 @@ class ModelIdentity:
 
 
 def model_identity(model) -> ModelIdentity:
-    unet_of(model)
+    model_family(model)
     base = model.model
     sampling = model.get_model_object("model_sampling")
     sigmas = getattr(sampling, "sigmas", None)

@@ -19,7 +19,8 @@ from ..attention.injection import (
     substitute_inputs,
 )
 from ..attention.layout import TARGET
-from .patching import add_attention_replace, transformer_blocks
+from .dit_methods import apply_injection_dit
+from .patching import UNET, add_attention_replace, model_family, transformer_blocks
 
 
 def default_masactrl_layer(model) -> int:
@@ -93,6 +94,11 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
     if masactrl_start_step < 0:
         raise ValueError(f"masactrl_start_step must be >= 0, got {masactrl_start_step}")
     chunks = injected_chunks(mode, rows)
+    if model_family(model) != UNET:  # Flux, SD3.5: the image tokens of the joint attention
+        if masactrl_mask is not None or masactrl_target_mask is not None:
+            raise ValueError("mask-guided MasaCtrl (masactrl_mask) is not supported on Flux and SD3 yet: "
+                             "disconnect the mask")
+        return apply_injection_dit(model, mode, fpe_ratio, masactrl_start_step, masactrl_start_layer, rows, fpe_steps)
     masks = None
     if masactrl_target_mask is not None and masactrl_mask is None:
         raise ValueError("masactrl_target_mask needs masactrl_mask (the source's foreground) as well")

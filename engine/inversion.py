@@ -4,6 +4,12 @@ With x = x0 + sigma * eps, a deterministic DDIM step is an Euler step x' = x + (
 so inversion runs it backwards from the clean latent (InversionStepper). The host's model wrapper
 turns eps- and v-prediction and SDXL into the same `denoised`, so eps = (x - denoised) / sigma serves
 every family alike.
+
+Flow-matching models (Flux, SD3.5: x = (1 - sigma) x0 + sigma eps) take the same step: the host's
+samplers use the derivative (x - denoised) / sigma = eps - x0 for them too, which is the flow ODE's
+velocity, so the Euler step backwards is the flow ODE's inversion step. What differs is the host's
+start: it scales the latent it hands a sampler by (1 - sigma_max) (zero at a full flow schedule), so
+the stepper starts from the clean latent itself.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from ..attention.layout import INVERSION, BranchLayout
 from .conditioning import conditioning_key
 from .contract import EditRunContext, is_unguided, with_run
 from .handle import InversionHandle, model_identity
-from .patching import source_readers, unet_of
+from .patching import UNET, model_family, source_readers, unet_of
 from .replay import SourceRecorder, inversion_signatures
 
 log = logging.getLogger("attention_edit")
@@ -52,7 +58,7 @@ LATENT_LIMIT = 1e4
 def check_latent_fits(model, samples: torch.Tensor) -> None:
     """Channels and size must fit the model, and the latent must be finite and of image scale, before any
     compute."""
-    unet = unet_of(model)
+    family = model_family(model)
     if not isinstance(samples, torch.Tensor):
         raise ValueError(f"expected a LATENT from VAEEncode or EmptyLatentImage, got {type(samples).__name__}")
     channels = model.model.latent_format.latent_channels
@@ -61,7 +67,10 @@ def check_latent_fits(model, samples: torch.Tensor) -> None:
     if samples.shape[1] != channels:
         raise ValueError(f"the latent has {samples.shape[1]} channels but this model expects {channels}: "
                          f"encode the image with this model's VAE")
-    factor = 2 ** (len(getattr(unet, "channel_mult", [1, 1, 1, 1])) - 1)
+    if family == UNET:
+        factor = 2 ** (len(getattr(unet_of(model), "channel_mult", [1, 1, 1, 1])) - 1)
+    else:  # a DiT's patches
+        factor = int(getattr(model.model.diffusion_model, "patch_size", 2))
     h, w = samples.shape[-2:]
     if samples.shape[0] == 0 or h == 0 or w == 0:
         raise ValueError(f"the latent is empty (shape {tuple(samples.shape)}): encode an image with VAEEncode")
@@ -82,8 +91,9 @@ class InversionStepper:
     eps at the current point stands in for eps at the next (the usual eps(x_{t+1}) ~ eps(x_t)).
     """
 
-    def __init__(self, sigma_floor: float, predict_noisiest: bool):
+    def __init__(self, sigma_floor: float, predict_noisiest: bool, clean: torch.Tensor | None = None):
         self.sigma_floor, self.predict_noisiest = sigma_floor, predict_noisiest
+        self.clean = clean  # the clean latent in model space: where the inversion starts
         self.latents: torch.Tensor | None = None  # (steps + 1, batch, ...), index i at sigmas[i]
         self.eps: torch.Tensor | None = None
 
@@ -92,6 +102,8 @@ class InversionStepper:
         extra_args = extra_args or {}
         n = len(sigmas) - 1
         latents, eps_at = [None] * (n + 1), [None] * (n + 1)
+        if self.clean is not None:  # the host scaled it by its noise scaling at sigmas[0] (flow: 1 - sigma)
+            x = self.clean.to(x)
         latents[n] = x
         s_in = x.new_ones([x.shape[0]])
         for step, j in enumerate(range(n, 0, -1)):
@@ -129,7 +141,8 @@ def invert(model, samples: torch.Tensor, positive: list, negative: list, cfg: fl
     # A model carrying attention patches (injection, uniform attention) is being set up for edits: keep
     # what they replay. A plain model's inversion costs exactly the stock sampler's model calls.
     stepper = InversionStepper(float(model.get_model_object("model_sampling").sigma_min),
-                               predict_noisiest=bool(source_readers(model) or attention_signature))
+                               predict_noisiest=bool(source_readers(model) or attention_signature),
+                               clean=model.model.process_latent_in(samples))
     run = EditRunContext(BranchLayout((INVERSION,), samples.shape[0]), full, recorder=recorder)
     guider = comfy.samplers.CFGGuider(with_run(model, run))
     guider.set_conds(positive, negative if negative is not None else positive)

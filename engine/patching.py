@@ -8,19 +8,44 @@ import comfy.model_patcher
 from comfy.ldm.modules.attention import optimized_attention
 
 from .contract import AttentionCall, AttentionPatch, Compute
+from .dit import DIT_FAMILIES, OVERRIDE_KEY, BlockTag, DitAttentionPatch, dit_family, override_of
 
-SUPPORTED_FAMILIES = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
+UNET_FAMILIES = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
+SUPPORTED_FAMILIES = f"{UNET_FAMILIES} UNets and the {' and '.join(DIT_FAMILIES.values())} DiTs"
+UNET = "unet"
+NOT_YET = ("Flux.2, Chroma, Qwen-Image, HiDream, AuraFlow, Lumina, HunyuanDiT and video models are not "
+           "supported yet")
+
+
+def _is_unet(model) -> bool:
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return unet is not None and all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks"))
+
+
+def _family_name(model) -> str:
+    base = getattr(model, "model", None)
+    return type(base).__name__ if base is not None else type(model).__name__
+
+
+def model_family(model) -> str:
+    """UNET, dit.FLUX or dit.SD3; a clear error, before any compute, for any other family."""
+    if _is_unet(model):
+        return UNET
+    family = dit_family(model)
+    if family is None:
+        raise ValueError(f"attention-edit supports {SUPPORTED_FAMILIES}; this model is '{_family_name(model)}' "
+                         f"({NOT_YET})")
+    return family
 
 
 def unet_of(model: comfy.model_patcher.ModelPatcher):
-    """The model's UNet; a clear error for families this pack does not support."""
-    base = getattr(model, "model", None)
-    unet = getattr(base, "diffusion_model", None)
-    if unet is None or not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        family = type(base).__name__ if base is not None else type(model).__name__
-        raise ValueError(f"attention-edit supports {SUPPORTED_FAMILIES} UNets; this model is '{family}' "
-                         f"(SD3, Flux and other transformer models are not supported)")
-    return unet
+    """The model's UNet; a clear error for every other family (DiTs included: callers that take them ask
+    model_family first)."""
+    if not _is_unet(model):
+        model_family(model)  # unsupported families: the general refusal
+        raise ValueError(f"this node supports {UNET_FAMILIES} UNets so far, not yet the Flux and SD3 DiTs; "
+                         f"this model is '{_family_name(model)}'")
+    return model.model.diffusion_model
 
 
 def transformer_blocks(model) -> list[tuple[str, int, int]]:
@@ -90,28 +115,43 @@ def branch_attention_signature(model: comfy.model_patcher.ModelPatcher, branch: 
     object on both models means the same patch, e.g. one set upstream of both).
     """
     signature = []
+    fn = override_of(model)
+    if fn is not None:  # a DiT's attention override chain (the pack's patches, then any foreign one)
+        effects = _chain_effects(fn, branch)
+        if effects:
+            signature.append(("dit", tuple(effects)))
+    if not _is_unet(model):
+        return tuple(signature)
     for attn in ("attn1", "attn2"):
         existing = _replaces(model).get(attn, {})
         for key in transformer_blocks(model):
             fn = existing.get(key, existing.get(key[:2]))
             if fn is None:
                 continue
-            effects = []
-            for link in (fn.chain() if isinstance(fn, AttentionPatch) else [fn]):
-                if isinstance(link, AttentionPatch):
-                    change = ("patch", id(link), branch) if link.effect is None else link.effect(branch)
-                    if change is not None:
-                        effects.append(change)
-                elif link is not default_attention:
-                    effects.append(("foreign", id(link)))
+            effects = _chain_effects(fn, branch)
             if effects:
                 signature.append((attn, key, tuple(effects)))
     return tuple(signature)
 
 
+def _chain_effects(fn, branch: str) -> list:
+    effects = []
+    for link in (fn.chain() if isinstance(fn, AttentionPatch) else [fn]):
+        if isinstance(link, AttentionPatch):
+            change = ("patch", id(link), branch) if link.effect is None else link.effect(branch)
+            if change is not None:
+                effects.append(change)
+        elif link is not default_attention and link is not None:
+            effects.append(("foreign", id(link)))
+    return effects
+
+
 def source_readers(model) -> set[str]:
     """Reader ids of the pack's patches on the model that read the source branch's attention inputs."""
     found = set()
+    fn = override_of(model)
+    if isinstance(fn, AttentionPatch):
+        found |= {link.reader for link in fn.chain() if isinstance(link, AttentionPatch) and link.reader}
     for table in _replaces(model).values():
         for fn in table.values():
             if isinstance(fn, AttentionPatch):
@@ -121,10 +161,15 @@ def source_readers(model) -> set[str]:
 
 def options_signature(model: comfy.model_patcher.ModelPatcher, ignore: tuple[str, ...] = ()) -> tuple:
     """Everything else on the model that changes what it computes: wrappers, cfg functions, other
-    patches, weight patches. Objects count by identity; the attn1/attn2 replaces and `ignore` keys
-    (run data such as the branch layout) are left out."""
+    patches, weight patches. Objects count by identity; the attn1/attn2 replaces, the pack's DiT attention
+    override (its chain is in the attention signature) and `ignore` keys (run data such as the branch
+    layout) are left out; the pack's DiT block tags count as the replace they wrap."""
 
     def sig(value, path=()):
+        if isinstance(value, BlockTag):
+            return ("dit_tag", None if value.previous is None else id(value.previous))
+        if isinstance(value, DitAttentionPatch) and path == ("transformer_options", OVERRIDE_KEY):
+            return ()
         if isinstance(value, dict):
             items = []
             for k, v in value.items():

@@ -21,9 +21,10 @@ import torch
 
 from ..attention.layout import INVERSION, SOURCE
 from .contract import RUN_KEY, AttentionCall, is_unguided
+from .dit import TOKENS_KEY
 from .patching import branch_attention_signature, options_signature, source_readers
 
-RUN_KEYS = (RUN_KEY,)  # per-run data (the run wrapper), not part of the model
+RUN_KEYS = (RUN_KEY, TOKENS_KEY)  # per-run data (the run wrapper, the DiT token layout), not part of the model
 
 
 def _chunk_kinds(call: AttentionCall, rows_per_chunk: int) -> tuple[int, ...]:

@@ -12,7 +12,9 @@ from ..attention.blocks import block_selected, parse_block_spec
 from ..attention.layout import AUX, INVERSION
 from ..attention.uniform import uniform_attention
 from .contract import AttentionPatch
-from .patching import add_attention_replace
+from .dit import dit_patches
+from .dit_methods import apply_uniform_attention_dit
+from .patching import UNET, add_attention_replace, model_family
 
 SCOPE_ALL = "all"
 SCOPE_INVERSION_AND_AUX = "inversion_and_aux"
@@ -26,6 +28,8 @@ def apply_uniform_attention(model, scope: str = SCOPE_INVERSION_AND_AUX, start: 
         raise ValueError(f"unknown scope '{scope}', expected one of {SCOPES}")
     if not 0.0 <= start < end <= 1.0:
         raise ValueError(f"the step window must satisfy 0 <= start < end <= 1, got start={start}, end={end}")
+    if model_family(model) != UNET:  # Flux, SD3.5: the image queries' attention to the text (joint attention)
+        return apply_uniform_attention_dit(model, scope, start, end, blocks, scope_all=SCOPE_ALL)
     ranges = parse_block_spec(blocks)
     m = model.clone()
 
@@ -57,6 +61,9 @@ def uniform_branches(model, branches) -> list[str]:
     """Which of `branches` this pack's uniform attention covers on `model` (in any block or step window)."""
     found: list[str] = []
     table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for link in dit_patches(model):
+        if link.method == "uniform":
+            found += [b for b in branches if b not in found and link.effect(b) is not None]
     for fn in table.values():
         if not isinstance(fn, AttentionPatch):
             continue

@@ -1,7 +1,21 @@
 from comfy_api.latest import io
 
+from ..attention.dit_blocks import parse_dit_block_spec
 from ..engine.uniform import SCOPE_INVERSION_AND_AUX, SCOPES, apply_uniform_attention
 from .common import CATEGORY, block_spec_error, check_widgets
+
+
+def any_block_spec_error(blocks: str) -> bool | str:
+    """A UNet block spec (input/middle/output) or a DiT one (double/single/depth); the model decides which
+    applies when the node runs."""
+    unet = block_spec_error(blocks)
+    if unet is True:
+        return True
+    try:
+        parse_dit_block_spec(blocks)
+    except ValueError as e:
+        return f"{unet} (UNets); {e} (Flux, SD3)"
+    return True
 
 
 class UniformAttention(io.ComfyNode):
@@ -16,7 +30,9 @@ class UniformAttention(io.ComfyNode):
                         "the prompt dependence that makes DDIM inversion drift, so reconstruction is closer. "
                         "Cheaper than normal attention: no scores, no softmax.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a patched clone is returned)."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, Flux.1 or SD3/SD3.5 model to patch (a patched "
+                                                "clone is returned). On Flux and SD3 the image tokens' attention to "
+                                                "the text tokens of the joint attention is made uniform."),
                 io.Combo.Input("scope", options=list(SCOPES), default=SCOPE_INVERSION_AND_AUX,
                                tooltip="'inversion_and_aux' (UAM's wiring): only DDIM Inversion and the Edit "
                                        "Sampler's auxiliary reconstruction branch; the source and target branches "
@@ -28,8 +44,10 @@ class UniformAttention(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where it stops (1 = through the last step)."),
                 io.String.Input("blocks", default="all",
-                                tooltip="Which UNet blocks: 'all', or a comma list of input, middle, output with "
-                                        "optional numbers, e.g. 'input:7-8, middle, output:3-5'."),
+                                tooltip="Which blocks: 'all', or on UNets a comma list of input, middle, output with "
+                                        "optional numbers, e.g. 'input:7-8, middle, output:3-5'; on Flux and SD3 "
+                                        "double, single (optionally numbered, 'double:0-3') or a fraction of the "
+                                        "depth, 'depth:0.5-1'."),
             ],
             outputs=[io.Model.Output(tooltip="The model with uniform cross-attention.")],
         )
@@ -41,7 +59,7 @@ class UniformAttention(io.ComfyNode):
             return checked
         if not start_percent < end_percent:
             return f"start_percent ({start_percent}) must be below end_percent ({end_percent})"
-        return block_spec_error(blocks)
+        return any_block_spec_error(blocks)
 
     @classmethod
     def execute(cls, model, scope, start_percent, end_percent, blocks) -> io.NodeOutput:
