@@ -13,11 +13,10 @@ import torch
 from ..attention.blocks import block_selected, parse_block_spec
 from ..attention.regulation import RegulationParams, gaussian_basis, layer_seed, regulate
 from .patching import add_attention_replace, transformer_blocks, unet_of
-from .tokens import occurrences, parse_words, prompt_words
+from .tokens import CHUNK, parse_words, prompt_words, tokenized, word_ids
 
 log = logging.getLogger("attention_edit")
 
-CHUNK = 77  # CLIP's context: ComfyUI encodes long prompts as several 77-token chunks
 DEFAULT_BLOCKS = "input, output"
 DEFAULT_MAP_SIDE = 0.25
 
@@ -59,16 +58,12 @@ class TokenPlan:
         return [expand(g) for g in self.groups], expand(self.keep)
 
 
-def _token_ids(chunks) -> list[list[int | None]]:
-    """Token ids per chunk (None for embedding vectors, which match no word)."""
-    return [[t[0] if isinstance(t[0], int) else None for t in chunk] for chunk in chunks]
-
-
 def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None:
-    """The token positions of the comma-separated target words in `prompt`, through the CLIP
-    tokenizer (every text encoder the model has: SDXL's two see the same positions). A word made of
-    several tokens is one target (all of its tokens). None when there are no target words; a
-    ValueError naming the word and listing the prompt's words when one is not in the prompt."""
+    """The token positions of the comma-separated target words in `prompt`, through the pack's word finder
+    (engine/tokens.py) on every text encoder the model has (SDXL's two must see the same positions). A word
+    made of several tokens is one target (all of its tokens, every occurrence in every chunk). None when
+    there are no target words; a ValueError naming the word and listing the prompt's words when one is not
+    in the prompt."""
     words = parse_words(target_words)
     if not words:
         return None
@@ -77,39 +72,25 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
     if not (prompt or "").strip():
         raise ValueError("attention regulation: the prompt is empty; type the positive prompt you encode "
                          "(the same text as in its CLIPTextEncode)")
-    empty = clip.tokenize("")
-    tokens = clip.tokenize(prompt)
     plans = {}
-    for key, chunks in tokens.items():
-        if key not in empty or len(empty[key][0]) < 2:
-            continue
-        end = empty[key][0][1][0]
-        ids = _token_ids(chunks)
-        if any(len(chunk) != CHUNK for chunk in ids):
+    for key, tp in tokenized(clip, prompt).items():
+        if any(len(chunk) != CHUNK for chunk in tp.chunks):
             raise ValueError(f"attention regulation works with CLIP text encoders (chunks of {CHUNK} tokens); "
-                             f"the '{key}' tokenizer makes chunks of {sorted({len(c) for c in ids})} tokens")
-        ends = []
-        for chunk in ids:
-            try:
-                ends.append(chunk.index(end, 1))
-            except ValueError:
-                ends.append(len(chunk))
+                             f"the '{key}' tokenizer makes chunks of {sorted({len(c) for c in tp.chunks})} tokens")
         groups, missing = [], []
         for word in words:
-            word_ids = _token_ids(clip.tokenize(word)[key])[0]
-            word_ids = word_ids[1 : word_ids.index(end, 1)] if end in word_ids[1:] else word_ids[1:]
-            found = [(c, i + j) for c, chunk in enumerate(ids) for i in occurrences(chunk, word_ids, 1, ends[c])
-                     for j in range(len(word_ids))]
+            ids = word_ids(clip, word, key)
+            found = tuple((c, i + j) for c, i in tp.occurrences_in(ids) for j in range(len(ids)))
             if not found:
                 missing.append(word)
-            groups.append(tuple(found))
+            groups.append(found)
         if missing:
             listed = ", ".join(prompt_words(prompt)) or "(none)"
             names = ", ".join(f"'{w}'" for w in missing)
             raise ValueError(f"attention regulation: target word {names} not found in the prompt. Target words must "
                              f"appear in the prompt text as written there. The prompt's words: {listed}")
-        keep = tuple((c, 0) for c in range(len(ids))) + tuple((c, e) for c, e in enumerate(ends) if e < CHUNK)
-        plans[key] = TokenPlan(words=tuple(words), groups=tuple(groups), keep=keep, chunks=len(ids))
+        keep = tuple((c, 0) for c in range(len(tp.chunks))) + tuple((c, e) for c, e in enumerate(tp.ends) if e < CHUNK)
+        plans[key] = TokenPlan(words=tuple(words), groups=tuple(groups), keep=keep, chunks=len(tp.chunks))
     if not plans:
         raise ValueError("attention regulation: the CLIP given has no CLIP-style tokenizer (start and end tokens)")
     plan = next(iter(plans.values()))

@@ -271,3 +271,17 @@ def test_words_are_found_through_the_clip_tokenizer(toy_clip):
                                    object_similarity=0.9, background_similarity=0.6, blur_passes=2,
                                    threshold=0.2).args[0]
     assert [strategy.words[i] for i in strategy.edit_words] == [groups[3]]
+
+
+def test_the_mask_and_regulation_find_a_word_at_the_same_tokens(toy_clip):
+    """One word finder: the instant mask's positions of a word are regulation's first occurrence of it, and
+    regulation also finds the word's later occurrences (it regulates each)."""
+    from attention_edit.engine.regulation import find_target_tokens
+    from attention_edit.engine.tokens import word_positions
+
+    prompt = "a red xylophonist beside a blue xylophonist"
+    mask_positions = word_positions(toy_clip, prompt, ["xylophonist"])[0]
+    plan = find_target_tokens(toy_clip, prompt, "xylophonist")
+    found = [i for chunk, i in plan.groups[0] if chunk == 0]
+    assert len(mask_positions) > 1 and found[:len(mask_positions)] == mask_positions
+    assert len(found) == 2 * len(mask_positions) and found[len(mask_positions)] > mask_positions[-1]
