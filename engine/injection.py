@@ -73,6 +73,45 @@ class _ForegroundMasks:
         return self.resized[key]
 
 
+def _foreground_masks(mode: str, source, target) -> _ForegroundMasks | None:
+    """MasaCtrl's mask-guided variant: the checked source (and target) foreground, or None without a mask."""
+    if target is not None and source is None:
+        raise ValueError("masactrl_target_mask needs masactrl_mask (the source's foreground) as well")
+    if source is None:
+        return None
+    if mode != MASACTRL:
+        raise ValueError("masactrl_mask is MasaCtrl's mask-guided variant: set mode to 'masactrl' or "
+                         "disconnect the mask")
+    source_mask = _check_mask(source, "masactrl_mask")
+    target_mask = source_mask if target is None else _check_mask(target, "masactrl_target_mask")
+    return _ForegroundMasks(source_mask, target_mask)
+
+
+def masked_target_attention(call, q, k, v, previous, source: dict, tgt: list[int], masks: _ForegroundMasks):
+    """Mask-guided MasaCtrl on the target rows `tgt` (source[...][j] belongs to tgt[j]): each image's target
+    foreground queries the source's foreground keys and values, background the background; every other
+    row attends to itself."""
+    if call.map_hw is None:
+        raise RuntimeError("attention-edit: mask-guided MasaCtrl needs the latent size of the call, which the "
+                           "host did not pass (original_shape); this is a bug, please report it")
+    source_fg, target_fg = masks.at(call.map_hw, call.layout.images, q.device)
+    every = call.rows(TARGET)
+    image_of = [every.index(r) % call.layout.images for r in tgt]
+    parts = []
+    others = [r for r in range(call.batch) if r not in set(tgt)]
+    if others:  # the source (and any other branch) attends to itself
+        parts.append((others, previous(q[others], k[others], v[others])))
+    for image in sorted(set(image_of)):
+        at = [j for j, i in enumerate(image_of) if i == image]  # this image's rows, each guidance half
+        rows = [tgt[j] for j in at]
+        parts.append((rows, masked_mutual_attention(previous, q[rows], source["k"][at].to(k),
+                                                    source["v"][at].to(v), source_fg[image], target_fg[image])))
+    out = parts[0][1].new_empty((call.batch,) + tuple(parts[0][1].shape[1:]))
+    for rows, value in parts:
+        out[rows] = value.to(out.dtype)
+    return out
+
+
 def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: float = 0.5,
                     masactrl_start_step: int = 4, masactrl_start_layer: int = -1, rows: str = OFFICIAL_ROWS,
                     masactrl_mask: torch.Tensor | None = None, masactrl_target_mask: torch.Tensor | None = None):
@@ -99,17 +138,7 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
             raise ValueError("mask-guided MasaCtrl (masactrl_mask) is not supported on Flux and SD3 yet: "
                              "disconnect the mask")
         return apply_injection_dit(model, mode, fpe_ratio, masactrl_start_step, masactrl_start_layer, rows, fpe_steps)
-    masks = None
-    if masactrl_target_mask is not None and masactrl_mask is None:
-        raise ValueError("masactrl_target_mask needs masactrl_mask (the source's foreground) as well")
-    if masactrl_mask is not None:
-        if mode != MASACTRL:
-            raise ValueError("masactrl_mask is MasaCtrl's mask-guided variant: set mode to 'masactrl' or "
-                             "disconnect the mask")
-        source_mask = _check_mask(masactrl_mask, "masactrl_mask")
-        target_mask = source_mask if masactrl_target_mask is None else _check_mask(masactrl_target_mask,
-                                                                                   "masactrl_target_mask")
-        masks = _ForegroundMasks(source_mask, target_mask)
+    masks = _foreground_masks(mode, masactrl_mask, masactrl_target_mask)
     keys = transformer_blocks(model)
     start_layer = default_masactrl_layer(model) if masactrl_start_layer < 0 else masactrl_start_layer
     if mode == MASACTRL and start_layer >= len(keys):
@@ -138,26 +167,7 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
         if masks is None:
             q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
             return previous(q, k, v)
-        return _masked(call, q, k, v, previous, source, tgt, [every.index(r) % call.layout.images for r in tgt])
-
-    def _masked(call, q, k, v, previous, source, tgt, image_of):
-        if call.map_hw is None:
-            raise RuntimeError("attention-edit: mask-guided MasaCtrl needs the latent size of the call, which the "
-                               "host did not pass (original_shape); this is a bug, please report it")
-        source_fg, target_fg = masks.at(call.map_hw, call.layout.images, q.device)
-        parts = []
-        others = [r for r in range(call.batch) if r not in set(tgt)]
-        if others:  # the source (and any other branch) attends to itself
-            parts.append((others, previous(q[others], k[others], v[others])))
-        for image in sorted(set(image_of)):
-            at = [j for j, i in enumerate(image_of) if i == image]  # this image's rows, each guidance half
-            rows = [tgt[j] for j in at]
-            parts.append((rows, masked_mutual_attention(previous, q[rows], source["k"][at].to(k),
-                                                        source["v"][at].to(v), source_fg[image], target_fg[image])))
-        out = parts[0][1].new_empty((call.batch,) + tuple(parts[0][1].shape[1:]))
-        for rows, value in parts:
-            out[rows] = value.to(out.dtype)
-        return out
+        return masked_target_attention(call, q, k, v, previous, source, tgt, masks)
 
     # Only the target rows change; the source's inputs are read where `active` says.
     add_attention_replace(m, "attn1", f"injection:{mode}", injected_self_attention, lambda key: key in selected,
