@@ -174,7 +174,9 @@ def finish(model, layout: BranchLayout, rows: dict, sigmas: torch.Tensor, final:
     out = model.model.process_latent_out(x).to(comfy.model_management.intermediate_device())
     return BranchRun(latents={name: out[rows[name]] for name in layout.branches},
                      mask=mask_run.final_mask() if mask_run is not None else None,
-                     info={"replayed": plan.branches, "unused": plan.unused, "recomputed": plan.reasons})
+                     info={"replayed": plan.branches, "unused": plan.unused, "recomputed": plan.reasons,
+                           # for the Edit Sampler's report: the word classes an instant mask decided
+                           "mask_classes": getattr(mask_run, "classes", None)})
 
 
 __all__ = ["Branch", "BranchRun", "BranchStepper", "sample_branches", "SOURCE", "TARGET"]

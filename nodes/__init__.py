@@ -6,9 +6,10 @@ from .injection import SelfAttentionInjection
 from .instant_mask import InstantMask
 from .instant_mask_estimate import InstantMaskEstimate
 from .inversion import DDIMInversion, InversionReconstruct
+from .prompts import EditPrompts
 from .regulation import AttentionRegulation
 from .toy_loader import ToyModelLoader
 from .uniform_attention import UniformAttention
 
 NODES = [DDIMInversion, InversionReconstruct, UniformAttention, SelfAttentionInjection, EditSampler, InstantMask, AdaptiveMask,
-         ToyModelLoader, AttentionRegulation, InstantMaskEstimate]
+         ToyModelLoader, AttentionRegulation, InstantMaskEstimate, EditPrompts]

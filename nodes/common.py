@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import comfy.model_patcher
 import comfy.samplers
@@ -18,6 +19,46 @@ SCHEDULERS = list(comfy.samplers.SCHEDULER_NAMES)
 DEFAULT_SCHEDULER = "ddim_uniform"  # DDIM's evenly spaced timesteps (t = 1, 21, ..., 981 at 50 steps)
 Inversion = io.Custom("ATTN_EDIT_INVERSION")
 MaskStrategy = io.Custom("ATTN_EDIT_MASK_STRATEGY")
+Prompts = io.Custom("ATTN_EDIT_PROMPTS")
+
+
+@dataclass(frozen=True, eq=False)
+class PromptTexts:
+    """What AttnEdit_EditPrompts carries to the nodes that read a prompt's words: the texts it encoded and
+    the CLIP it encoded them with (the mask and regulation nodes find words through its tokenizer)."""
+
+    clip: object
+    source: str
+    target: str
+    negative: str
+
+    def __repr__(self):  # shown in ComfyUI's logs and cache keys: keep it short
+        return f"PromptTexts(source={self.source[:40]!r}, target={self.target[:40]!r})"
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.split())
+
+
+def prompt_from(prompts, clip, text: str, input_name: str, node: str, which: str = "target") -> tuple[object, str]:
+    """The CLIP and the text a word-reading node uses: those of the connected 'prompts' (its `which` text),
+    else its own 'clip' and text input. A text typed here that differs from the connected one is refused
+    (two copies of one prompt are what 'prompts' is there to avoid)."""
+    if prompts is not None:
+        if not isinstance(prompts, PromptTexts):
+            raise ValueError(f"{node}: 'prompts' must be connected to AttnEdit_EditPrompts' prompts output, got "
+                             f"{type(prompts).__name__}")
+        chosen = getattr(prompts, which)
+        if text.strip() and _folded(text) != _folded(chosen):
+            raise ValueError(f"{node}: '{input_name}' says \"{text.strip()[:60]}\" but the connected prompts' "
+                             f"{which} is \"{chosen.strip()[:60]}\": clear '{input_name}' (the prompt is typed "
+                             f"once, in Edit Prompts)")
+        return prompts.clip, chosen
+    if clip is None:
+        raise ValueError(f"{node}: connect 'prompts' (from AttnEdit_EditPrompts), or 'clip' and type "
+                         f"'{input_name}'")
+    check_socket(clip, "CLIP", "clip", node)
+    return clip, text
 
 
 def block_spec_error(blocks: str) -> bool | str:

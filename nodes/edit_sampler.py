@@ -4,10 +4,14 @@ import logging
 import comfy.sample
 import latent_preview
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..attention.layout import AUX, SOURCE, TARGET
+from ..engine import report as edit_report
+from ..engine.adaptive_mask import AdaptiveMaskStrategy
 from ..engine.branches import Branch, sample_branches
+from ..engine.conditioning import conditioning_key
+from ..engine.instant_mask import InstantMaskStrategy
 from ..engine.inversion import check_latent_fits, schedule
 from ..engine.masks import FixedMaskStrategy
 from ..engine.uniform import uniform_branches, uses_uniform_attention
@@ -44,7 +48,10 @@ class EditSampler(io.ComfyNode):
                         "Generated image: connect a latent (EmptyLatentImage) and a seed; "
                         "both branches start from the same noise. UAM (AttnEdit_AdaptiveMask, official recipe): "
                         "a third, auxiliary branch starts from aux_inversion, a second inversion made with "
-                        "uniform attention; nothing is pinned.",
+                        "uniform attention; nothing is pinned. After each run the node shows its edit report: which "
+                        "branches ran or were replayed, where the injection read the source, the mask's coverage, "
+                        "how far the target moved from the source, and hints when the edit is likely to do "
+                        "nothing.",
             inputs=[
                 io.Model.Input("model", tooltip="The model, patched with AttnEdit_SelfAttentionInjection and/or "
                                                 "AttnEdit_UniformAttention."),
@@ -135,7 +142,7 @@ class EditSampler(io.ComfyNode):
             # the paper); the pinned recipe: the source prompt, the inversion's, so that it is replayed.
             aux_prompt = negative if two_trajectories else source
             branches.append(Branch(AUX, aux_prompt, aux_prompt))
-        warn_about_uniform_attention(model, strategy)
+        warnings = warn_about_uniform_attention(model, strategy)
         if inversion is not None:
             check_socket(inversion, "ATTN_EDIT_INVERSION", "inversion", "Edit Sampler")
             inversion.check_model(model)
@@ -149,17 +156,18 @@ class EditSampler(io.ComfyNode):
             # Pinned: the source, and UAM's auxiliary reconstruction (exact, and so replayable).
             pin, starts = ((SOURCE, AUX) if pin_source else ()), None
             if two_trajectories:  # UAM's official recipe: the auxiliary branch from its own inversion, no pinning
-                check_aux_inversion(inversion, aux_inversion, model, steps, scheduler)
+                warnings += check_aux_inversion(inversion, aux_inversion, model, steps, scheduler)
                 pin, starts = (), {AUX: aux_inversion.latents[0]}
                 if pin_source:
                     log.info("edit: UAM's two-trajectory recipe does not pin the source branch (pin_source has no "
                              "effect; the Adaptive Mask's recipe uniform_pinned does)")
             elif aux_inversion is not None:
-                log.warning("edit: aux_inversion is not used: only the Adaptive Mask's two_trajectories recipe "
-                            "starts a branch from it")
+                warnings.append(_warn("aux_inversion is not used: only the Adaptive Mask's two_trajectories recipe "
+                                      "starts a branch from it"))
             run = sample_branches(model, branches, cfg, inversion.sigmas, full, images, trajectory=inversion.latents,
                                   pin=pin, strategy=strategy, callback=callback, handle=inversion, starts=starts)
             report_replay(run)
+            run_steps, pinned = inversion.inverted_steps, tuple(b for b in pin if b in run.latents)
         elif latent is not None:
             samples = latent["samples"]
             check_latent_fits(model, samples)
@@ -168,10 +176,48 @@ class EditSampler(io.ComfyNode):
             callback = latent_preview.prepare_callback(model, steps)
             run = sample_branches(model, branches, cfg, full, full, samples.shape[0], noise=noise, strategy=strategy,
                                   callback=callback)
+            run_steps, pinned = steps, ()
         else:
             raise ValueError("connect an inversion (real image) or a latent such as EmptyLatentImage (generated image)")
         edited = run.latents[TARGET]
-        return io.NodeOutput(latent_output(edited), latent_output(run.latents[SOURCE]), image_mask(edited, run.mask))
+        report = build_report(model, run, strategy, source, target, cfg, steps, run_steps, inversion is not None,
+                              pinned, warnings)
+        text = report.text()
+        log.info("edit: %s", text.replace("\n", "\n  "))
+        return io.NodeOutput(latent_output(edited), latent_output(run.latents[SOURCE]), image_mask(edited, run.mask),
+                             ui=ui.PreviewText(text))
+
+
+def _warn(message: str) -> str:
+    log.warning("edit: %s", message)
+    return message
+
+
+def mask_kind(strategy) -> str | None:
+    if strategy is None:
+        return None
+    if isinstance(strategy, InstantMaskStrategy):
+        return "instant mask (InstDiffEdit)"
+    if isinstance(strategy, AdaptiveMaskStrategy):
+        return f"adaptive mask (UAM, {strategy.recipe})"
+    if isinstance(strategy, FixedMaskStrategy):
+        return "edit_mask (a given MASK)"
+    return type(strategy).__name__
+
+
+def build_report(model, run, strategy, source, target, cfg: float, steps: int, run_steps: int, real_image: bool,
+                 pinned: tuple, warnings: list[str]) -> edit_report.EditReport:
+    """What the edit did, from the model's patches, the run and its latents (engine/report.py)."""
+    report = edit_report.EditReport(steps=steps, run_steps=run_steps, cfg=cfg, real_image=real_image, pinned=pinned,
+                                    warnings=list(warnings))
+    edit_report.branch_facts(report, run)
+    report.injections = edit_report.find_injections(model, steps, run_steps)
+    report.uniform = tuple(uniform_branches(model, report.branches))
+    edit_report.mask_facts(report, run, mask_kind(strategy), getattr(strategy, "word_names", None))
+    report.moved, report.changed_area = edit_report.latent_change(run.latents[TARGET], run.latents[SOURCE])
+    report.same_prompts = conditioning_key(source) == conditioning_key(target)
+    edit_report.add_hints(report)
+    return report
 
 
 def uses_aux_inversion(strategy) -> bool:
@@ -189,8 +235,9 @@ def check_recipe(strategy, real_image: bool, aux_connected: bool) -> None:
                          "uniform_pinned for one pinned uniform-attention inversion")
 
 
-def check_aux_inversion(inversion, aux, model, steps: int, scheduler: str) -> None:
-    """The auxiliary inversion must be of the same image, model and schedule as the main one."""
+def check_aux_inversion(inversion, aux, model, steps: int, scheduler: str) -> list[str]:
+    """The auxiliary inversion must be of the same image, model and schedule as the main one; returns the
+    warnings (logged too) about how the two inversions were made."""
     check_socket(aux, "ATTN_EDIT_INVERSION", "aux_inversion", "Edit Sampler")
     aux.check_model(model)
     aux.check_steps(steps)
@@ -203,12 +250,16 @@ def check_aux_inversion(inversion, aux, model, steps: int, scheduler: str) -> No
     if aux.latent_shape != inversion.latent_shape:
         raise ValueError(f"the aux_inversion is of latents of shape {aux.latent_shape} but the inversion of "
                          f"{inversion.latent_shape}: invert the same image(s) twice")
+    warnings = []
     if not uses_uniform_attention(kept_signature(aux)):
-        log.warning("edit: the aux_inversion was made without uniform attention: UAM's auxiliary branch starts from "
-                    "a uniform-attention inversion (put AttnEdit_UniformAttention on its DDIM Inversion's model)")
+        warnings.append(_warn("the aux_inversion was made without uniform attention: UAM's auxiliary branch starts "
+                              "from a uniform-attention inversion (put AttnEdit_UniformAttention on its DDIM "
+                              "Inversion's model)"))
     if uses_uniform_attention(kept_signature(inversion)):
-        log.warning("edit: the inversion was made with uniform attention: in UAM's official recipe source and target "
-                    "start from a normal-attention inversion (invert with the model before AttnEdit_UniformAttention)")
+        warnings.append(_warn("the inversion was made with uniform attention: in UAM's official recipe source and "
+                              "target start from a normal-attention inversion (invert with the model before "
+                              "AttnEdit_UniformAttention)"))
+    return warnings
 
 
 def kept_signature(handle) -> tuple:
@@ -216,17 +267,20 @@ def kept_signature(handle) -> tuple:
     return getattr(getattr(handle, "record", None), "attention_signature", ())
 
 
-def warn_about_uniform_attention(model, strategy) -> None:
-    """Uniform attention on the source and target rows makes the edit ignore the prompts' content: say so."""
+def warn_about_uniform_attention(model, strategy) -> list[str]:
+    """Uniform attention on the source and target rows makes the edit ignore the prompts' content: say so, in
+    the log and (the returned messages) in the edit report."""
+    warnings = []
     edited = uniform_branches(model, (SOURCE, TARGET))
     if edited:
-        log.warning("edit: the model's Uniform Cross-Attention covers the %s branch (scope 'all'): their images "
-                    "ignore what the prompts say. Give the Edit Sampler a model with scope 'inversion_and_aux' "
-                    "(uniform attention only in the inversion and the auxiliary branch)", " and ".join(edited))
+        warnings.append(_warn(f"the model's Uniform Cross-Attention covers the {' and '.join(edited)} branch (scope "
+                              f"'all'): their images ignore what the prompts say, so the edit is uniform. Give the "
+                              f"Edit Sampler a model with scope 'inversion_and_aux' (uniform attention only in the "
+                              f"inversion and the auxiliary branch)"))
     if strategy is not None and getattr(strategy, "needs_aux", False) and not uniform_branches(model, (AUX,)):
-        log.warning("edit: the Adaptive Mask's auxiliary branch runs with normal attention: put "
-                    "AttnEdit_UniformAttention (scope 'inversion_and_aux') on the Edit Sampler's model")
-
+        warnings.append(_warn("the Adaptive Mask's auxiliary branch runs with normal attention: put "
+                              "AttnEdit_UniformAttention (scope 'inversion_and_aux') on the Edit Sampler's model"))
+    return warnings
 
 
 def report_replay(run) -> None:

@@ -4,8 +4,8 @@ variant; the paper's own SDEdit-style estimation is AttnEdit_InstantMaskEstimate
 from comfy_api.latest import io
 
 from ..engine.instant_mask import InstantMaskStrategy
-from ..engine.tokens import parse_words, prompt_word_positions, word_positions
-from .common import CATEGORY, MaskStrategy, check_widgets
+from ..engine.tokens import parse_words, prompt_word_table, word_positions
+from .common import CATEGORY, MaskStrategy, Prompts, check_widgets, prompt_from
 
 START_MAPS = ["inverted", "direct"]  # how the start token's map finds the index word (inverted: the paper)
 
@@ -13,32 +13,50 @@ START_MAPS = ["inverted", "direct"]  # how the start token's map finds the index
 def prompt_word_groups(clip, target_prompt: str, words: str) -> tuple[list[list[int]], list[int] | None]:
     """Token positions of every word of the prompt, and the indices among them of the user's named words
     (None when none is named); a clear error for an empty prompt or a word not in it."""
+    groups, named, _ = named_word_groups(clip, target_prompt, words)
+    return groups, named
+
+
+def named_word_groups(clip, target_prompt: str, words: str) -> tuple[list[list[int]], list[int] | None, list[str]]:
+    """prompt_word_groups, and the word (or phrase) each group stands for."""
     if not target_prompt.strip():
-        raise ValueError("target_prompt is empty: paste the target prompt's text")
-    groups = prompt_word_positions(clip, target_prompt)
+        raise ValueError("target_prompt is empty: paste the target prompt's text, or connect 'prompts' from "
+                         "AttnEdit_EditPrompts")
+    table = prompt_word_table(clip, target_prompt)
+    groups, names = [p for _, p in table], [w for w, _ in table]
     named = parse_words(words)
     if not named:
         if not groups:
             raise ValueError(f"no word of \"{target_prompt}\" was found among its first 77 tokens")
-        return groups, None
+        return groups, None, names
     positions = word_positions(clip, target_prompt, named)
-    for p in positions:
+    for word, p in zip(named, positions):
         if p not in groups:
             groups.append(p)  # a phrase: its tokens merged into one more map
-    return groups, [groups.index(p) for p in positions]
+            names.append(word)
+    return groups, [groups.index(p) for p in positions], names
 
 
 def word_inputs() -> list:
     """The inputs both instant-mask nodes share, in this order."""
     return [
-        io.Clip.Input("clip", tooltip="The CLIP that encoded the target prompt: used to find its words."),
+        io.Clip.Input("clip", optional=True,
+                      tooltip="The CLIP that encoded the target prompt: used to find its words. Not needed when "
+                              "'prompts' is connected."),
         io.String.Input("target_prompt", multiline=True, default="",
-                        tooltip="The target prompt's text, exactly as given to its CLIPTextEncode."),
+                        tooltip="The target prompt's text, exactly as given to its CLIPTextEncode. Leave it empty "
+                                "and connect 'prompts' (AttnEdit_EditPrompts) to type the prompt only once."),
         io.String.Input("words", default="",
                         tooltip="Optional: the word(s) to edit, comma-separated (e.g. 'cat' or 'red car'); they "
                                 "take the place of the index word. Empty (the paper): the index word is the "
                                 "word whose map is most similar to the inverted start-token map."),
     ]
+
+
+def prompts_input() -> io.Input:
+    return Prompts.Input("prompts", optional=True,
+                         tooltip="The prompts from AttnEdit_EditPrompts: the mask reads its target text and CLIP, "
+                                 "so the prompt is typed once (leave target_prompt empty).")
 
 
 def rule_inputs() -> list:
@@ -81,7 +99,7 @@ class InstantMask(io.ComfyNode):
                         "outside the mask is replaced by the source (the inversion trajectory), and the edited "
                         "latent is the result. The paper's own path (random noise at strength 0.5, three noise "
                         "samples, then stock inpainting inside the mask) is AttnEdit_InstantMaskEstimate.",
-            inputs=word_inputs() + rule_inputs() + [start_map_input()],
+            inputs=word_inputs() + rule_inputs() + [start_map_input(), prompts_input()],
             outputs=[MaskStrategy.Output("mask_strategy", display_name="mask_strategy",
                                          tooltip="Connect to AttnEdit_EditSampler's mask_strategy.")],
         )
@@ -92,9 +110,11 @@ class InstantMask(io.ComfyNode):
                              background_similarity=background_similarity, threshold=threshold, start_map=start_map)
 
     @classmethod
-    def execute(cls, clip, target_prompt, words, map_side, object_similarity, background_similarity, blur_passes,
-                threshold, start_map="inverted") -> io.NodeOutput:
-        groups, edit_words = prompt_word_groups(clip, target_prompt, words)
-        return io.NodeOutput(InstantMaskStrategy(groups, edit_words, map_side, object_similarity,
-                                                 background_similarity, blur_passes, threshold,
-                                                 invert_start=start_map == "inverted"))
+    def execute(cls, target_prompt, words, map_side, object_similarity, background_similarity, blur_passes,
+                threshold, start_map="inverted", clip=None, prompts=None) -> io.NodeOutput:
+        clip, target_prompt = prompt_from(prompts, clip, target_prompt, "target_prompt", "Instant Attention Mask")
+        groups, edit_words, names = named_word_groups(clip, target_prompt, words)
+        strategy = InstantMaskStrategy(groups, edit_words, map_side, object_similarity, background_similarity,
+                                       blur_passes, threshold, invert_start=start_map == "inverted")
+        strategy.word_names = names  # for the Edit Sampler's report (which words the mask took as object)
+        return io.NodeOutput(strategy)

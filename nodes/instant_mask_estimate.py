@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..engine.instant_mask_estimate import SAMPLERS, MaskSettings, estimate_instant_mask, partial_schedule
 from ..engine.inversion import schedule
-from .common import CATEGORY, check_conditioning, check_socket, check_widgets
-from .instant_mask import prompt_word_groups, rule_inputs, start_map_input, word_inputs
+from .common import CATEGORY, check_conditioning, check_socket, check_widgets, prompt_from
+from .instant_mask import prompt_word_groups, prompts_input, rule_inputs, start_map_input, word_inputs
 
 SCHEDULERS = list(comfy.samplers.KSampler.SCHEDULERS)
 DEFAULT_SAMPLER = "lms"  # the official code's LMSDiscreteScheduler (order 4)
@@ -43,7 +43,8 @@ class InstantMaskEstimate(io.ComfyNode):
                 io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model whose cross-attention makes the "
                                                 "mask (the paper: SD1.4, not the inpainting model)."),
                 io.Latent.Input("latent", tooltip="The image latent(s) from VAEEncode."),
-                io.Conditioning.Input("positive", tooltip="The target prompt (CLIPTextEncode of target_prompt)."),
+                io.Conditioning.Input("positive", tooltip="The target prompt (CLIPTextEncode of target_prompt, or "
+                                                          "AttnEdit_EditPrompts' target)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (the paper: the empty prompt)."),
                 *word_inputs(),
                 io.Float.Input("strength", default=0.5, min=0.01, max=1.0, step=0.01,
@@ -66,6 +67,7 @@ class InstantMaskEstimate(io.ComfyNode):
                                tooltip="The schedule (normal: timesteps evenly spaced, as the paper's LMS)."),
                 *rule_inputs(),
                 start_map_input(),
+                prompts_input(),
             ],
             outputs=[io.Mask.Output("mask", display_name="mask",
                                     tooltip="The final binary mask at image resolution (1 = edit): connect it to "
@@ -80,12 +82,12 @@ class InstantMaskEstimate(io.ComfyNode):
                              background_similarity=background_similarity, threshold=threshold, start_map=start_map)
 
     @classmethod
-    def execute(cls, model, latent, positive, negative, clip, target_prompt, words, strength, samples, seed, steps,
+    def execute(cls, model, latent, positive, negative, target_prompt, words, strength, samples, seed, steps,
                 cfg, sampler_name, scheduler, map_side, object_similarity, background_similarity, blur_passes,
-                threshold, start_map="inverted") -> io.NodeOutput:
+                threshold, start_map="inverted", clip=None, prompts=None) -> io.NodeOutput:
         name = "Instant Mask Estimate"
         check_socket(model, "MODEL", "model", name)
-        check_socket(clip, "CLIP", "clip", name)
+        clip, target_prompt = prompt_from(prompts, clip, target_prompt, "target_prompt", name)
         check_conditioning(positive, "positive")
         check_conditioning(negative, "negative")
         groups, edit_words = prompt_word_groups(clip, target_prompt, words)

@@ -9,7 +9,7 @@ from ..engine.regulation import (
     find_target_tokens,
     regulation_layers,
 )
-from .common import CATEGORY, block_spec_error, check_widgets
+from .common import CATEGORY, Prompts, block_spec_error, check_widgets, prompt_from
 
 DEFAULTS = RegulationParams()
 
@@ -29,12 +29,14 @@ class AttentionRegulation(io.ComfyNode):
                         "Works with the stock KSampler and SamplerCustom on SD1.x, SD2.x and SDXL.",
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a patched clone is returned)."),
-                io.Clip.Input("clip", tooltip="The CLIP that encodes the positive prompt: its tokenizer finds the "
-                                              "target words' token positions."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The CLIP that encodes the positive prompt: its tokenizer finds the target "
+                                      "words' token positions. Not needed when 'prompts' is connected."),
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The positive prompt, exactly as typed in the CLIPTextEncode that feeds the "
-                                        "sampler's positive input (convert that widget to an input and share one "
-                                        "text to keep them equal)."),
+                                        "sampler's positive input. Leave it empty and connect 'prompts' "
+                                        "(AttnEdit_EditPrompts, whose target feeds the sampler's positive) to type "
+                                        "the prompt only once."),
                 io.String.Input("target_words", default="",
                                 tooltip="Comma-separated words or phrases of the prompt to regulate, e.g. 'cat, dog'. "
                                         "Each is one target (all of its tokens, every occurrence). Empty: the model "
@@ -73,6 +75,10 @@ class AttentionRegulation(io.ComfyNode):
                                        "overwrite (official): nothing else changes, the targets keep their "
                                        "regulated probability. renormalise: the other tokens are rescaled so every "
                                        "row sums to one (what this node did before)."),
+                Prompts.Input("prompts", optional=True,
+                              tooltip="The prompts from AttnEdit_EditPrompts: the regulated prompt is its target "
+                                      "(the one its target output gives the sampler's positive), found with its "
+                                      "CLIP; leave 'prompt' empty."),
             ],
             outputs=[io.Model.Output(tooltip="The model with attention regulation, for any sampler.")],
         )
@@ -86,9 +92,11 @@ class AttentionRegulation(io.ComfyNode):
         return checked if checked is not True else block_spec_error(blocks)
 
     @classmethod
-    def execute(cls, model, clip, prompt, target_words, end_percent, iterations, learning_rate, ema, decay,
-                peak_target, share_weight, beta, blocks, map_side, restore=DEFAULTS.restore) -> io.NodeOutput:
+    def execute(cls, model, prompt, target_words, end_percent, iterations, learning_rate, ema, decay,
+                peak_target, share_weight, beta, blocks, map_side, restore=DEFAULTS.restore, clip=None,
+                prompts=None) -> io.NodeOutput:
         unet_of(model)  # unsupported families first, then bad words and layers: all before any sampling
+        clip, prompt = prompt_from(prompts, clip, prompt, "prompt", "Attention Regulation")
         plan = find_target_tokens(clip, prompt, target_words)
         regulation_layers(model, blocks, map_side)
         params = RegulationParams(iterations=iterations, learning_rate=learning_rate, ema=ema, decay=decay,

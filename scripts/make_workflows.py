@@ -19,109 +19,148 @@ SOURCE_PROMPT = "a large red circle in the center on a white background"
 TARGET_PROMPT = "a large blue circle in the center on a white background"
 
 
-def real_image_inputs(checkpoint=SD15):
-    """Loader, image, prompts: nodes 1-6 shared by the real-image workflows."""
+def photo_inputs(checkpoint=SD15):
+    """Loader, photo, its latent and the inversion's empty prompt (nothing typed): nodes 1-4 of the real-image
+    workflows, in their first group."""
     return {
         1: ("CheckpointLoaderSimple", {"ckpt_name": checkpoint}),
         2: ("LoadImage", {"image": EXAMPLE_IMAGE}),
         3: ("VAEEncode", {"pixels": (2, 0), "vae": (1, 2)}),
-        4: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Empty prompt (inversion, source)"),
-        5: ("CLIPTextEncode", {"text": SOURCE_PROMPT, "clip": (1, 1)}, "Source prompt"),
-        6: ("CLIPTextEncode", {"text": TARGET_PROMPT, "clip": (1, 1)}, "Target prompt"),
+        4: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Inversion prompt (empty)"),
     }
 
 
-def decode_and_save(first_id, latent, prefix):
-    return {first_id: ("VAEDecode", {"samples": latent, "vae": (1, 2)}),
-            first_id + 1: ("SaveImage", {"images": (first_id, 0), "filename_prefix": prefix})}
+def edit_prompts(node_id=6, source="", target=TARGET_PROMPT, negative=""):
+    """The one place the edit's prompts are typed (AttnEdit_EditPrompts): outputs source, target, negative,
+    prompts."""
+    return {node_id: ("AttnEdit_EditPrompts", {"clip": (1, 1), "source": source, "target": target,
+                                               "negative": negative}, "Prompts (type them here)")}
+
+
+def decode(node_id, latent, title=None):
+    return {node_id: ("VAEDecode", {"samples": latent, "vae": (1, 2)}, title)}
+
+
+def save(node_id, image, prefix, title):
+    return {node_id: ("SaveImage", {"images": image, "filename_prefix": prefix}, title)}
+
+
+REAL_EDIT_NOTE = ("Change first: the image in Load Image and the checkpoint in Load Checkpoint, then the target "
+                  "prompt in 'Prompts (type them here)'. Every prompt is typed there once: the mask and the sampler "
+                  "read it from that node. After a run the Edit Sampler shows its edit report (what ran, the "
+                  "mask, how far the edit moved, hints when it did nothing).")
 
 
 def real_edit_uam(checkpoint=SD15, prefix="uam"):
     """UAM, its official recipe: two empty-prompt inversions (normal attention for the source and target
     branches, uniform attention for the auxiliary one), MasaCtrl mutual self-attention in the edit, adaptive
     mask blending with the auxiliary uniform-attention branch (red line on), nothing pinned."""
-    g = real_image_inputs(checkpoint)
+    g = photo_inputs(checkpoint)
     g.update({
         7: ("AttnEdit_UniformAttention", {"model": (1, 0), "scope": "inversion_and_aux"}),
         8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
             "Inversion, normal attention (source, target)"),
         18: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
              "Inversion, uniform attention (auxiliary branch)"),
+        **edit_prompts(),
         9: ("AttnEdit_SelfAttentionInjection", {"model": (7, 0), "mode": "masactrl"}),
         15: ("AttnEdit_AdaptiveMask", {"recipe": "two_trajectories"}),
-        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (4, 0), "target": (6, 0), "negative": (4, 0),
+        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (6, 0), "target": (6, 1), "negative": (6, 2),
                                       "inversion": (8, 1), "aux_inversion": (18, 1), "steps": 50, "cfg": 7.5,
                                       "pin_source": False, "mask_strategy": (15, 0)}),
+        **decode(11, (10, 0), "Decode: edited"),
+        **decode(13, (10, 1), "Decode: source branch"),
+        16: ("MaskToImage", {"mask": (10, 2)}),
+        **save(14, (13, 0), f"attention-edit/{prefix}_source", "Source (reconstructed)"),
+        **save(12, (11, 0), f"attention-edit/{prefix}_edited", "Edited"),
+        17: ("PreviewImage", {"images": (16, 0)}, "Final mask"),
     })
-    g.update(decode_and_save(11, (10, 0), f"attention-edit/{prefix}_edited"))
-    g.update(decode_and_save(13, (10, 1), f"attention-edit/{prefix}_source"))
-    g.update({16: ("MaskToImage", {"mask": (10, 2)}), 17: ("PreviewImage", {"images": (16, 0)}, "Final mask")})
-    return g
+    # The two inversions side by side at the top, so the links they send to the sampler pass above group 2.
+    layout = [("1 invert the photo", [[1, 2], [7, 3, 4], [8], [18]]), ("2 describe the edit", [6]),
+              ("3 edit", [9, 15, 10, 11, 13, 16]), ("4 compare", [14, 12, 17])]
+    return g, layout, REAL_EDIT_NOTE
 
 
 def real_edit_fpe():
     """Free-Prompt-Editing on a real image: empty-prompt DDIM inversion, source pinned, r = 0.8. The injected
     model inverts and the source prompt is the inversion's, so the edit replays the source branch."""
-    g = real_image_inputs()
-    del g[5]  # the source is the empty prompt
+    g = photo_inputs()
     g.update({
         9: ("AttnEdit_SelfAttentionInjection", {"model": (1, 0), "mode": "fpe", "fpe_ratio": 0.8}),
         8: ("AttnEdit_DDIMInversion", {"model": (9, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50}),
-        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (4, 0), "target": (6, 0), "negative": (4, 0),
+        **edit_prompts(),
+        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (6, 0), "target": (6, 1), "negative": (6, 2),
                                       "inversion": (8, 1), "steps": 50, "cfg": 7.5}),
+        **decode(11, (10, 0), "Decode: edited"),
+        **save(12, (11, 0), "attention-edit/fpe_edited", "Edited"),
     })
-    g.update(decode_and_save(11, (10, 0), "attention-edit/fpe_edited"))
-    return g
+    # The injected model at the top, so its link to the sampler passes above group 2.
+    layout = [("1 invert the photo", [[1, 2], [9, 3, 4], [8]]), ("2 describe the edit", [6]), ("3 edit", [10, 11]),
+              ("4 compare", [12])]
+    return g, layout, REAL_EDIT_NOTE
 
 
 def generated_edit_fpe():
     """Free-Prompt-Editing on a generated image: both branches from the same seed, r = 0.4."""
-    return {
+    g = {
         1: ("CheckpointLoaderSimple", {"ckpt_name": SD15}),
-        4: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Negative prompt"),
-        5: ("CLIPTextEncode", {"text": SOURCE_PROMPT, "clip": (1, 1)}, "Source prompt"),
-        6: ("CLIPTextEncode", {"text": TARGET_PROMPT, "clip": (1, 1)}, "Target prompt"),
         7: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
         9: ("AttnEdit_SelfAttentionInjection", {"model": (1, 0), "mode": "fpe", "fpe_ratio": 0.4}),
-        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (5, 0), "target": (6, 0), "negative": (4, 0),
+        **edit_prompts(source=SOURCE_PROMPT),
+        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (6, 0), "target": (6, 1), "negative": (6, 2),
                                       "latent": (7, 0), "seed": 42, "steps": 50, "cfg": 7.5}),
-        **decode_and_save(11, (10, 0), "attention-edit/generated_fpe_edited"),
-        **decode_and_save(13, (10, 1), "attention-edit/generated_fpe_source"),
+        **decode(11, (10, 0), "Decode: edited"),
+        **decode(13, (10, 1), "Decode: source"),
+        **save(14, (13, 0), "attention-edit/generated_fpe_source", "Source (generated)"),
+        **save(12, (11, 0), "attention-edit/generated_fpe_edited", "Edited"),
     }
+    layout = [("1 load the model", [1, 7, 9]), ("2 describe the edit", [6]), ("3 edit", [10, 11, 13]),
+              ("4 compare", [14, 12])]
+    note = ("Change first: the checkpoint in Load Checkpoint, then the source and target prompts in 'Prompts (type "
+            "them here)' (typed once; the sampler reads them there) and the seed in the Edit Sampler. After a run "
+            "the Edit Sampler shows its edit report.")
+    return g, layout, note
 
 
 def instant_mask_edit():
     """InstDiffEdit as the paper runs it: the mask estimated from the target prompt's cross-attention over
     three noise samples at strength 0.5 (SD1.5), then a stock inpainting pass inside it (SD1.5 inpainting
-    checkpoint, InpaintModelConditioning + KSampler, the target prompt)."""
+    checkpoint, InpaintModelConditioning + KSampler, the target prompt). SD1.x checkpoints share one text
+    encoder, so the inpainting pass takes the same encoded prompts."""
     inpainting = "sd-v1-5-inpainting.ckpt"
-    g = real_image_inputs()
-    del g[5]  # no source prompt: the mask and the inpainting read the target prompt only
+    g = photo_inputs()
+    del g[4]  # no inversion: the estimate noises the photo
     g.update({
-        8: ("AttnEdit_InstantMaskEstimate", {"model": (1, 0), "latent": (3, 0), "positive": (6, 0), "negative": (4, 0),
-                                             "clip": (1, 1), "target_prompt": TARGET_PROMPT, "words": "",
-                                             "strength": 0.5, "samples": 3, "seed": 0, "steps": 50, "cfg": 7.5},
+        11: ("CheckpointLoaderSimple", {"ckpt_name": inpainting}, "Inpainting checkpoint"),
+        **edit_prompts(),
+        8: ("AttnEdit_InstantMaskEstimate", {"model": (1, 0), "latent": (3, 0), "positive": (6, 1),
+                                             "negative": (6, 2), "prompts": (6, 3), "words": "", "strength": 0.5,
+                                             "samples": 3, "seed": 0, "steps": 50, "cfg": 7.5},
             "InstDiffEdit mask (strength 0.5, 3 noise samples)"),
         9: ("MaskToImage", {"mask": (8, 0)}),
-        10: ("PreviewImage", {"images": (9, 0)}, "Instant mask"),
-        11: ("CheckpointLoaderSimple", {"ckpt_name": inpainting}, "Inpainting checkpoint"),
-        12: ("CLIPTextEncode", {"text": TARGET_PROMPT, "clip": (11, 1)}, "Target prompt (inpainting)"),
-        13: ("CLIPTextEncode", {"text": "", "clip": (11, 1)}, "Negative prompt (inpainting)"),
-        14: ("InpaintModelConditioning", {"positive": (12, 0), "negative": (13, 0), "vae": (11, 2), "pixels": (2, 0),
+        14: ("InpaintModelConditioning", {"positive": (6, 1), "negative": (6, 2), "vae": (11, 2), "pixels": (2, 0),
                                           "mask": (8, 0), "noise_mask": True}),
         15: ("KSampler", {"model": (11, 0), "positive": (14, 0), "negative": (14, 1), "latent_image": (14, 2),
                           "seed": 0, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
                           "denoise": 1.0}, "Inpainting inside the mask"),
-        16: ("VAEDecode", {"samples": (15, 0), "vae": (11, 2)}),
-        17: ("SaveImage", {"images": (16, 0), "filename_prefix": "attention-edit/instdiffedit_inpainted"}),
+        16: ("VAEDecode", {"samples": (15, 0), "vae": (11, 2)}, "Decode: inpainted"),
+        10: ("PreviewImage", {"images": (9, 0)}, "Instant mask"),
+        17: ("SaveImage", {"images": (16, 0), "filename_prefix": "attention-edit/instdiffedit_inpainted"}, "Edited"),
     })
-    return g
+    # Both checkpoints in the first column, the photo beside them: the links they send on pass above group 2.
+    layout = [("1 load the photo", [[1, 11], [2], [3]]), ("2 describe the edit", [6]),
+              ("3 mask, then inpaint inside it", [8, 9, 14, 15, 16]), ("4 compare", [10, 17])]
+    note = ("Change first: the image in Load Image, the checkpoints (the mask's model and an inpainting one), then "
+            "the target prompt in 'Prompts (type them here)': the mask reads its words from there, so it follows "
+            "every change. Name the word to edit in the mask's 'words' (empty: the paper's index word).")
+    return g, layout, note
 
 
 def reconstruction_compared():
     """Plain DDIM inversion beside UAM inversion, each reconstructed, with the error images."""
-    g = real_image_inputs()
+    g = photo_inputs()
     g.update({
+        5: ("CLIPTextEncode", {"text": SOURCE_PROMPT, "clip": (1, 1)}, "Caption (plain DDIM inversion)"),
         7: ("AttnEdit_UniformAttention", {"model": (1, 0), "scope": "all"}),
         8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (5, 0), "negative": (4, 0),
                                        "cfg": 7.5, "steps": 50}, "Plain DDIM inversion (caption, cfg 7.5)"),
@@ -131,38 +170,49 @@ def reconstruction_compared():
                                                "negative": (4, 0), "cfg": 7.5}),
         11: ("AttnEdit_InversionReconstruct", {"model": (7, 0), "inversion": (9, 1), "positive": (4, 0),
                                                "negative": (4, 0), "cfg": 1.0}),
-        12: ("VAEDecode", {"samples": (10, 0), "vae": (1, 2)}),
-        13: ("VAEDecode", {"samples": (11, 0), "vae": (1, 2)}),
+        12: ("VAEDecode", {"samples": (10, 0), "vae": (1, 2)}, "Decode: plain DDIM"),
+        13: ("VAEDecode", {"samples": (11, 0), "vae": (1, 2)}, "Decode: UAM"),
         14: ("ImageBlend", {"image1": (2, 0), "image2": (12, 0), "blend_factor": 1.0, "blend_mode": "difference"},
              "Error: plain DDIM"),
         15: ("ImageBlend", {"image1": (2, 0), "image2": (13, 0), "blend_factor": 1.0, "blend_mode": "difference"},
              "Error: UAM"),
-        16: ("SaveImage", {"images": (12, 0), "filename_prefix": "attention-edit/recon_ddim"}),
-        17: ("SaveImage", {"images": (13, 0), "filename_prefix": "attention-edit/recon_uam"}),
-        18: ("SaveImage", {"images": (14, 0), "filename_prefix": "attention-edit/recon_ddim_error"}),
-        19: ("SaveImage", {"images": (15, 0), "filename_prefix": "attention-edit/recon_uam_error"}),
+        16: ("SaveImage", {"images": (12, 0), "filename_prefix": "attention-edit/recon_ddim"}, "Plain DDIM"),
+        17: ("SaveImage", {"images": (13, 0), "filename_prefix": "attention-edit/recon_uam"}, "UAM"),
+        18: ("SaveImage", {"images": (14, 0), "filename_prefix": "attention-edit/recon_ddim_error"},
+             "Error: plain DDIM"),
+        19: ("SaveImage", {"images": (15, 0), "filename_prefix": "attention-edit/recon_uam_error"}, "Error: UAM"),
     })
-    return g
+    # The prompts first in their column: the links they send past group 2 stay above it.
+    layout = [("1 load the photo and its caption", [[1, 2], [5, 4, 3]]), ("2 invert two ways", [7, 8, 9]),
+              ("3 reconstruct", [10, 11, 12, 13, 14, 15]), ("4 compare", [16, 17, 18, 19])]
+    note = ("Change first: the image in Load Image and the checkpoint, then the caption (typed once, in its CLIP Text "
+            "Encode). The plain inversion uses the caption at cfg 7.5; the UAM inversion the empty prompt.")
+    return g, layout, note
 
 
 def regulation_side_by_side():
     """Text-to-image with and without attention regulation, same seed, side by side."""
     prompt = "a small red circle on the left and a large blue square on the right on a white background"
     sampler = {"seed": 7, "steps": 50, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
-    return {
+    g = {
         1: ("CheckpointLoaderSimple", {"ckpt_name": SD15}),
-        2: ("CLIPTextEncode", {"text": prompt, "clip": (1, 1)}, "Prompt"),
-        3: ("CLIPTextEncode", {"text": "", "clip": (1, 1)}, "Negative prompt"),
         4: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
-        5: ("AttnEdit_AttentionRegulation", {"model": (1, 0), "clip": (1, 1), "prompt": prompt,
-                                             "target_words": "circle, square"}),
-        6: ("KSampler", {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0), **sampler},
+        **edit_prompts(node_id=2, target=prompt),
+        5: ("AttnEdit_AttentionRegulation", {"model": (1, 0), "prompts": (2, 3), "target_words": "circle, square"}),
+        6: ("KSampler", {"model": (1, 0), "positive": (2, 1), "negative": (2, 2), "latent_image": (4, 0), **sampler},
             "Plain"),
-        7: ("KSampler", {"model": (5, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0), **sampler},
+        7: ("KSampler", {"model": (5, 0), "positive": (2, 1), "negative": (2, 2), "latent_image": (4, 0), **sampler},
             "Regulated"),
-        **decode_and_save(8, (6, 0), "attention-edit/regulation_off"),
-        **decode_and_save(10, (7, 0), "attention-edit/regulation_on"),
+        **decode(8, (6, 0), "Decode: plain"),
+        **decode(10, (7, 0), "Decode: regulated"),
+        **save(9, (8, 0), "attention-edit/regulation_off", "Plain"),
+        **save(11, (10, 0), "attention-edit/regulation_on", "Regulated"),
     }
+    layout = [("1 load the model", [1, 4]), ("2 describe the image", [2]),
+              ("3 generate with and without regulation", [[6], [5], [7], [10, 8]]), ("4 compare", [9, 11])]
+    note = ("Change first: the checkpoint, then the prompt: the target of 'Prompts (type them here)', typed once "
+            "(both samplers and the regulation read it there), and the words to regulate in Attention Regulation.")
+    return g, layout, note
 
 
 def sdxl_real_edit():
@@ -193,17 +243,25 @@ def main() -> None:
 
     comfy_host.add_host_to_path()
     comfy_host.register_pack()
-    from attention_edit.nodes import NODES
 
     if comfy_host.host_version() != GENERATOR_HOST:
         sys.exit(f"write the workflows on ComfyUI {GENERATOR_HOST} (this host is {comfy_host.host_version()})")
-    ours = {n.define_schema().node_id: n for n in NODES}
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)
-    for name, make in WORKFLOWS.items():
-        workflow = workflow_tools.build_ui_workflow(make(), workflow_tools.host_node_classes(), ours)
-        workflow_tools.write(out / f"{name}.json", workflow)
+    for name in WORKFLOWS:
+        workflow_tools.write(out / f"{name}.json", build(name))
         print(out / f"{name}.json")
+
+
+def build(name: str) -> dict:
+    """The UI-format workflow `name` (the host and the pack importable)."""
+    import workflow_tools
+
+    from attention_edit.nodes import NODES
+
+    graph, groups, note = WORKFLOWS[name]()
+    ours = {n.define_schema().node_id: n for n in NODES}
+    return workflow_tools.build_ui_workflow(graph, workflow_tools.host_node_classes(), ours, groups=groups, note=note)
 
 
 if __name__ == "__main__":

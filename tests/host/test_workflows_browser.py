@@ -19,8 +19,21 @@ module):
   thumbnails are a separate step and never written here).
 * test_workflow_runs_from_frontend_prompt: the frontend's API prompt, pointed at the test's model files
   (every CheckpointLoaderSimple becomes AttnEdit_ToyModelLoader, which has the same outputs), with fewer
-  steps (see SMOKE_STEPS), is queued on the session's host and succeeds; every SaveImage writes a non-empty
-  128x128 PNG. The LoadImage inputs are a toy-world scene written under the names the workflows reference.
+  steps (see SMOKE_STEPS) and the instant masks' start_map at `direct` (the toy model's start token attends
+  to the object, see web/docs/AttnEdit_InstantMaskEstimate.md), is queued on the session's host and
+  succeeds; every SaveImage writes a non-empty 128x128 PNG. The LoadImage inputs are a toy-world scene
+  written under the names the workflows reference.
+
+* test_workflow_layout_in_frontend: the layout as the frontend holds it after loading (what it would save):
+  every node sits inside exactly one titled group (the note node above them), no two groups overlap, and
+  every wire (the frontend's spline between its two slots, sampled) passes over no group but the ones of
+  the nodes it connects. A screenshot of the whole laid-out graph goes to the artifacts folder, and with
+  ATTN_EDIT_UPDATE_DOCS=1 to docs/workflows/<workflow>.png (the screenshots the README shows).
+* In test_workflow_runs_from_frontend_prompt the prompt is queued for the page's own client, and each
+  Edit Sampler then shows its edit report in the page (the pack's web/js/edit_report.js widget, filled
+  from the node's UI output). With ATTN_EDIT_UPDATE_DOCS=1 the run's images become the workflow's
+  thumbnail, workflows/<workflow>.jpg: the input (or source) and the results side by side, labelled, made
+  with the toy-world model.
 
 Per-workflow timings go to tests/artifacts/browser/workflow_timings.json and are printed (pytest -rP).
 Never skipped: without chromium or playwright these tests fail and say to run `make browser`.
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
 import sys
 import time
@@ -51,9 +65,54 @@ TOY_SIZE = 128  # the toy model's image side (16x16 latents); the input image an
 # same value, because AttnEdit_EditSampler requires its inversion's steps (AttnEdit_DDIMInversion).
 SMOKE_STEPS = 10
 STEP_NODES = ("AttnEdit_DDIMInversion", "AttnEdit_EditSampler", "KSampler")
+INSTANT_MASK_NODES = ("AttnEdit_InstantMask", "AttnEdit_InstantMaskEstimate")
 RUN_TIMEOUT = 300.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMINGS: dict[str, dict[str, float]] = {}
+UPDATE_DOCS = os.environ.get("ATTN_EDIT_UPDATE_DOCS") == "1"
+DOCS_DIR = REPO / "docs" / "workflows"
+REPORT_TIMEOUT_MS = 30_000
+
+# The layout as the frontend holds it: groups, nodes (with their title bars) and every wire's two ends.
+LAYOUT = """() => {
+  const g = app.graph, title = LiteGraph.NODE_TITLE_HEIGHT;
+  const groups = (g._groups || g.groups || []).map(gr => ({title: gr.title,
+    bounding: Array.from(gr._bounding || gr.bounding)}));
+  const nodes = g._nodes.map(n => ({id: String(n.id), type: n.type, title: n.title,
+    box: [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title]}));
+  const wires = [];
+  for (const l of g.links.values ? g.links.values() : Object.values(g.links)) {
+    if (!l) continue;
+    const o = g.getNodeById(l.origin_id), t = g.getNodeById(l.target_id);
+    wires.push({id: String(l.id), origin: String(l.origin_id), target: String(l.target_id),
+      a: Array.from(o.getConnectionPos(false, l.origin_slot)), b: Array.from(t.getConnectionPos(true, l.target_slot))});
+  }
+  return {groups, nodes, wires};
+}"""
+
+# Shows the whole graph (groups and nodes) in the viewport, as large as it fits beside the frontend's side bar
+# and tab bar (margins in screen pixels), with the minimap (1.48.x) closed.
+FIT_VIEW = """() => {
+  try { app.extensionManager.setting.set('Comfy.Minimap.Visible', false); } catch (e) {}
+  const g = app.graph, c = app.canvas, title = LiteGraph.NODE_TITLE_HEIGHT;
+  let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+  const add = (x, y, w, h) => { x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x + w); y1 = Math.max(y1, y + h); };
+  for (const n of g._nodes) add(n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title);
+  for (const gr of (g._groups || g.groups || [])) { const b = gr._bounding || gr.bounding; add(b[0], b[1], b[2], b[3]); }
+  const rect = c.canvas.getBoundingClientRect(), left = 110, top = 90, right = 30, bottom = 40;
+  const scale = Math.min((rect.width - left - right) / (x1 - x0), (rect.height - top - bottom) / (y1 - y0));
+  c.ds.scale = scale;
+  c.ds.offset[0] = left / scale - x0 + ((rect.width - left - right) / scale - (x1 - x0)) / 2;
+  c.ds.offset[1] = top / scale - y0;
+  c.setDirty(true, true);
+  return {scale, width: rect.width, height: rect.height};
+}"""
+
+# The edit report each Edit Sampler shows (its report widget), by node id.
+REPORTS = """() => Object.fromEntries(app.graph._nodes.filter(n => n.type === 'AttnEdit_EditSampler').map(n => {
+  const w = (n.widgets || []).find(w => w.name === 'edit_report');
+  return [String(n.id), w ? String(w.value || '') : null];
+}))"""
 
 # Loads a workflow the way the frontend does (File > Open ends in app.loadGraphData), recording the toasts it
 # raises on the way (the link validator reports through the toast store), then reads back what it built.
@@ -313,7 +372,8 @@ def test_workflow_loads_in_frontend(wf_file, node_classes, frontend):
     assert not problems, "links whose types do not match their sockets:\n" + "\n".join(problems)
 
     prompt = _strip_meta(result["prompt"])
-    assert set(prompt) == {str(n["id"]) for n in workflow["nodes"] if n.get("mode", 0) not in (2, 4)}
+    assert set(prompt) == {str(n["id"]) for n in workflow["nodes"]
+                           if n.get("mode", 0) not in (2, 4) and n["type"] not in workflow_tools.VIRTUAL_TYPES}
     ours = workflow_tools.ui_to_api(workflow, node_classes)
     differing = {k: {"frontend": prompt.get(k), "ui_to_api": ours.get(k)}
                  for k in sorted(set(prompt) | set(ours)) if prompt.get(k) != ours.get(k)}
@@ -333,6 +393,8 @@ def _smoke_prompt(prompt: dict, toy_model: str) -> dict:
             node["inputs"].update(width=TOY_SIZE, height=TOY_SIZE)
         if node["class_type"] in STEP_NODES and "steps" in node["inputs"]:
             node["inputs"]["steps"] = SMOKE_STEPS
+        if node["class_type"] in INSTANT_MASK_NODES:  # the toy model's start token attends to the object
+            node["inputs"]["start_map"] = "direct"  # (see the nodes' docs): the setting for this model
     return prompt
 
 
@@ -350,7 +412,8 @@ def test_workflow_runs_from_frontend_prompt(wf_file, frontend, comfy_server, hos
     assert "CheckpointLoaderSimple" not in {n["class_type"] for n in prompt.values()}
 
     t0 = time.monotonic()
-    prompt_id = comfy_server.queue(prompt)
+    client_id = frontend.page.evaluate("window.comfyAPI.api.api.clientId")
+    prompt_id = comfy_server.post("/prompt", {"prompt": prompt, "client_id": client_id})["prompt_id"]
     entry = comfy_server.wait(prompt_id, timeout=RUN_TIMEOUT)  # raises with the failing node's message
     run_s = time.monotonic() - t0
     TIMINGS.setdefault(wf_file.stem, {})["run_s"] = round(run_s, 2)
@@ -363,6 +426,17 @@ def test_workflow_runs_from_frontend_prompt(wf_file, frontend, comfy_server, hos
     assert savers <= set(entry["outputs"]), f"SaveImage nodes without outputs: {sorted(savers - set(entry['outputs']))}"
     files = comfy_server.output_files(entry)
     assert len(files) >= len(savers), f"{len(files)} output files for {len(savers)} SaveImage nodes"
+    samplers = [k for k, v in prompt.items() if v["class_type"] == "AttnEdit_EditSampler"]
+    for node_id in samplers:  # the report: in the node's UI output, and shown on the node in the page
+        text = "\n".join(entry["outputs"].get(node_id, {}).get("text", []))
+        assert text.startswith("Edit report"), f"Edit Sampler {node_id} returned no edit report: {entry['outputs']}"
+        frontend.page.wait_for_function(f"(() => ({REPORTS})()[{json.dumps(node_id)}])()",
+                                        timeout=REPORT_TIMEOUT_MS)
+        shown = frontend.page.evaluate(REPORTS)[node_id]
+        assert shown == text, f"the page shows {shown!r} for Edit Sampler {node_id}, its UI output is {text!r}"
+        print(f"{wf_file.stem}: Edit Sampler {node_id} report:\n{shown}")
+    if samplers:
+        frontend.page.screenshot(path=str(ARTIFACTS / f"{wf_file.stem}_ran.png"))
     from PIL import Image
 
     for f in files:
@@ -372,3 +446,115 @@ def test_workflow_runs_from_frontend_prompt(wf_file, frontend, comfy_server, hos
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             assert im.size == (TOY_SIZE, TOY_SIZE), f"{f.name}: {im.size}, expected {TOY_SIZE}x{TOY_SIZE}"
+
+    if UPDATE_DOCS:
+        write_thumbnail(wf_file.stem, workflow, entry, comfy_server, input_images)
+
+
+def _groups_of(box, groups) -> list[int]:
+    x, y, w, h = box
+    return [i for i, g in enumerate(groups) if g["bounding"][0] <= x and g["bounding"][1] <= y
+            and x + w <= g["bounding"][0] + g["bounding"][2] and y + h <= g["bounding"][1] + g["bounding"][3]]
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _spline(a, b, samples: int = 48) -> list[tuple[float, float]]:
+    """Points of the frontend's spline link from output slot `a` to input slot `b` (LiteGraph's bezier: control
+    points a quarter of the distance out along the horizontal)."""
+    dist = ((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5
+    p0, p1, p2, p3 = a, (a[0] + dist * 0.25, a[1]), (b[0] - dist * 0.25, b[1]), b
+    points = []
+    for k in range(samples + 1):
+        t = k / samples
+        u = 1 - t
+        points.append(tuple(u ** 3 * p0[i] + 3 * u * u * t * p1[i] + 3 * u * t * t * p2[i] + t ** 3 * p3[i]
+                            for i in range(2)))
+    return points
+
+
+def layout_problems(layout: dict) -> list[str]:
+    groups, problems = layout["groups"], []
+    if len(groups) < 2:
+        problems.append(f"{len(groups)} groups: a workflow is laid out in titled groups")
+    for i, g in enumerate(groups):
+        if not g["title"].strip():
+            problems.append(f"group {i} has no title")
+        for j in range(i + 1, len(groups)):
+            if _overlap(g["bounding"], groups[j]["bounding"]):
+                problems.append(f"groups '{g['title']}' and '{groups[j]['title']}' overlap")
+    home = {}
+    for node in layout["nodes"]:
+        inside = _groups_of(node["box"], groups)
+        if node["type"] in workflow_tools.VIRTUAL_TYPES:
+            if any(_overlap(node["box"], g["bounding"]) for g in groups):
+                problems.append(f"the note '{node['title']}' lies over a group")
+            continue
+        if len(inside) != 1:
+            problems.append(f"node {node['id']} ({node['type']}) is inside {len(inside)} groups, not one")
+        home[node["id"]] = set(inside)
+    for wire in layout["wires"]:
+        allowed = home.get(wire["origin"], set()) | home.get(wire["target"], set())
+        for x, y in _spline(wire["a"], wire["b"]):
+            crossed = [g["title"] for i, g in enumerate(groups) if i not in allowed
+                       and g["bounding"][0] < x < g["bounding"][0] + g["bounding"][2]
+                       and g["bounding"][1] < y < g["bounding"][1] + g["bounding"][3]]
+            if crossed:
+                problems.append(f"wire {wire['id']} ({wire['origin']} -> {wire['target']}) crosses group "
+                                f"'{crossed[0]}', which it does not connect")
+                break
+    return problems
+
+
+@pytest.mark.parametrize("wf_file", PARAMS)
+def test_workflow_layout_in_frontend(wf_file, frontend):
+    workflow = _workflow(wf_file)
+    result = frontend.load(workflow)
+    _assert_loaded(result, workflow, frontend)
+    layout = frontend.page.evaluate(LAYOUT)
+    titles = [g["title"] for g in layout["groups"]]
+    assert titles == [g["title"] for g in workflow["groups"]], f"the frontend's groups {titles} are not the file's"
+    problems = layout_problems(layout)
+    frontend.page.evaluate(FIT_VIEW)
+    frontend.page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"{wf_file.stem}_layout.png"
+    frontend.page.screenshot(path=str(shot))
+    if UPDATE_DOCS:
+        DOCS_DIR.mkdir(parents=True, exist_ok=True)
+        frontend.page.screenshot(path=str(DOCS_DIR / f"{wf_file.stem}.png"))
+    assert not problems, "layout problems:\n" + "\n".join(problems)
+    notes = [n for n in workflow["nodes"] if n["type"] in workflow_tools.VIRTUAL_TYPES]
+    assert len(notes) == 1 and notes[0]["widgets_values"][0].startswith("Change first"), \
+        "each workflow has one note saying what to change first"
+
+
+THUMB_SIDE = 256
+LABEL_H = 28
+
+
+def write_thumbnail(name: str, workflow: dict, entry: dict, server, input_images: dict) -> None:
+    """workflows/<name>.jpg: the input image (when the workflow loads one) and every saved or previewed image,
+    side by side in the workflow's order, each labelled with its node's title, under a caption saying the
+    pictures come from the toy-world model."""
+    from PIL import Image, ImageDraw
+
+    titles = {str(n["id"]): n.get("title") or n["type"] for n in workflow["nodes"]}
+    order = [str(n["id"]) for n in sorted(workflow["nodes"], key=lambda n: (n["pos"][0], n["pos"][1]))]
+    panels = [("Input", input_images[name_]) for name_ in _load_image_names(workflow)][:1]
+    for node_id in order:
+        for img in entry["outputs"].get(node_id, {}).get("images", []):
+            panels.append((titles[node_id], server.base / img.get("type", "output") / img.get("subfolder", "")
+                           / img["filename"]))
+    caption = f"{name}: toy-world model (no real weights), {SMOKE_STEPS} steps"
+    width = max(len(panels), 2) * THUMB_SIDE
+    sheet = Image.new("RGB", (width, THUMB_SIDE + 2 * LABEL_H), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((8, 6), caption, fill="black")
+    for k, (label, path) in enumerate(panels):
+        with Image.open(path) as im:
+            sheet.paste(im.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.NEAREST), (k * THUMB_SIDE, LABEL_H))
+        draw.text((k * THUMB_SIDE + 8, THUMB_SIDE + LABEL_H + 6), label, fill="black")
+    sheet.save(WORKFLOW_DIR / f"{name}.jpg", quality=90)

@@ -1,0 +1,230 @@
+"""The Edit Sampler's report: what an edit did and why it may have done nothing.
+
+Facts come from three places, all read, never changed: the model's attention patches (engine/contract.py
+AttentionPatch: method, the blocks it is on, where a source reader is `active`), the branch sampler's run
+(engine/branches.py BranchRun: which branches ran, were replayed or were not needed, the final mask, the
+mask run's word classes) and the final latents. `EditReport.text()` is what the node shows in the UI and
+writes to the log; `hints` are the likely reasons for an edit that changes little or nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention.layout import AUX, SOURCE, TARGET
+from .contract import AttentionCall, AttentionPatch
+from .patching import transformer_blocks
+
+# An edited latent closer than this to the source (relative RMS difference) is reported as "almost the source".
+NO_CHANGE = 0.02
+# A latent pixel counts as changed where target and source differ by more than this share of the source's
+# typical per-pixel magnitude (RMS over the channels, averaged over the image).
+CHANGED_PIXEL = 0.1
+INJECTION_PREFIX = "injection:"
+
+
+@dataclass
+class Injection:
+    """One self-attention injection found on the model: where and when it reads the source."""
+
+    method: str  # "fpe" or "masactrl"
+    layers: int  # blocks it is registered on
+    of_layers: int  # transformer blocks of the model
+    active_steps: list[int]  # steps of this run (indices into the full schedule) where it reads the source
+    run_steps: list[int]  # every step of this run
+    layers_active: int  # blocks where it reads at some step of the run
+
+
+@dataclass
+class EditReport:
+    steps: int
+    run_steps: int
+    cfg: float
+    real_image: bool
+    branches: tuple[str, ...] = ()
+    ran: tuple[str, ...] = ()
+    replayed: tuple[str, ...] = ()
+    not_needed: tuple[str, ...] = ()
+    recomputed: dict = field(default_factory=dict)
+    pinned: tuple[str, ...] = ()
+    injections: list[Injection] = field(default_factory=list)
+    uniform: tuple[str, ...] = ()  # branches with the pack's uniform cross-attention
+    mask_kind: str | None = None
+    mask_coverage: float | None = None  # share of the image the final mask lets change (None: no mask)
+    mask_words: str | None = None
+    moved: float = 0.0  # ||target - source|| / ||source|| of the final latents
+    changed_area: float = 0.0
+    same_prompts: bool = False
+    warnings: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = ["Edit report", f"steps: {self.run_steps} of {self.steps} (DDIM), cfg {self.cfg:g}, "
+                 f"{'real image (inversion)' if self.real_image else 'generated image (seed)'}"]
+        parts = [f"{b} ran" for b in self.ran]
+        parts += [f"{b} replayed from the inversion (not run)" for b in self.replayed]
+        parts += [f"{b} pinned and read by nothing (not run)" for b in self.not_needed]
+        lines.append("branches: " + "; ".join(parts))
+        for branch, reason in self.recomputed.items():
+            lines.append(f"  {branch} recomputed, not replayed: {reason}")
+        if self.pinned:
+            lines.append(f"pinned to the inversion: {', '.join(self.pinned)}")
+        for inj in self.injections:
+            lines.append(f"injection: {inj.method} at {inj.layers_active} of {inj.of_layers} layers, "
+                         f"{_steps_text(inj.active_steps, inj.run_steps)}")
+        if not self.injections:
+            lines.append("injection: none")
+        if self.uniform:
+            lines.append(f"uniform cross-attention: {', '.join(self.uniform)}")
+        if self.mask_kind is None:
+            lines.append("mask: none (the whole image may change)")
+        else:
+            coverage = "never applied" if self.mask_coverage is None else f"covers {self.mask_coverage:.1%} of the image"
+            lines.append(f"mask: {self.mask_kind}, {coverage}")
+            if self.mask_words:
+                lines.append(f"  {self.mask_words}")
+        lines.append(f"target vs source: differs by {self.moved:.1%} (RMS, latent), changed area "
+                     f"{self.changed_area:.1%}")
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        lines += [f"HINT: {h}" for h in self.hints]
+        if not self.warnings and not self.hints:
+            lines.append("no warnings")
+        return "\n".join(lines)
+
+
+def _steps_text(active: list[int], run: list[int]) -> str:
+    if not active:
+        return f"no step of {len(run)}"
+    if len(active) == len(run):
+        return f"every step ({len(run)} of {len(run)})"
+    span = f"steps {active[0]}-{active[-1]}" if active == list(range(active[0], active[-1] + 1)) else "steps"
+    return f"{span} ({len(active)} of {len(run)})"
+
+
+def block_map_sides(model) -> dict[tuple[str, int], float]:
+    """Each UNet block's attention map side relative to the latent side (1, 1/2, 1/4, ...), from where its
+    down- and upsampling layers are."""
+    unet = model.model.diffusion_model
+
+    def resamples(block, kind: str) -> bool:
+        for layer in block:
+            name = type(layer).__name__
+            if name == kind or (name == "ResBlock" and getattr(layer, "updown", False)
+                                and type(getattr(layer, "h_upd", None)).__name__ == kind):
+                return True
+        return False
+
+    sides, level = {}, 0
+    for number, block in enumerate(unet.input_blocks):
+        if resamples(block, "Downsample"):
+            level += 1
+        sides[("input", number)] = 0.5 ** level
+    sides[("middle", 0)] = 0.5 ** level
+    for number, block in enumerate(unet.output_blocks):
+        sides[("output", number)] = 0.5 ** level  # its transformer runs before the block's upsampling
+        if resamples(block, "Upsample"):
+            level -= 1
+    return sides
+
+
+def _probe(key: tuple[str, int, int], step: int, steps: int, side: float | None) -> AttentionCall:
+    """An attention call as a patch sees it at `step` in block `key`, for asking its `active`."""
+    return AttentionCall(options={}, batch=2, heads=1, chunks=(0,), run=None, step=(step, steps), exact_step=True,
+                         block=key, map_hw=None, map_side=side)
+
+
+def find_injections(model, steps: int, run_steps: int) -> list[Injection]:
+    """The pack's self-attention injections on `model` and where in this run they read the source."""
+    table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    try:
+        keys = transformer_blocks(model)
+        sides = block_map_sides(model)
+    except (ValueError, AttributeError):  # not a UNet: the patch tables say nothing about steps here
+        return []
+    run = list(range(steps - run_steps, steps))
+    found: dict[str, dict] = {}
+    for key in keys:
+        fn = table.get(key, table.get(key[:2]))
+        links = fn.chain() if isinstance(fn, AttentionPatch) else []
+        for link in links:
+            if not (isinstance(link, AttentionPatch) and link.method.startswith(INJECTION_PREFIX)):
+                continue
+            entry = found.setdefault(link.reader or id(link), {"method": link.method[len(INJECTION_PREFIX):],
+                                                               "layers": 0, "steps": set(), "active_layers": 0})
+            entry["layers"] += 1
+            side = sides.get(key[:2])
+            active = [i for i in run if link.active(_probe(key, i, steps, side))]
+            entry["steps"] |= set(active)
+            entry["active_layers"] += bool(active)
+    return [Injection(e["method"], e["layers"], len(keys), sorted(e["steps"]), run, e["active_layers"])
+            for e in found.values()]
+
+
+def latent_change(target: torch.Tensor, source: torch.Tensor) -> tuple[float, float]:
+    """(||target - source|| / ||source||, share of latent pixels that changed) of two (images, C, H, W) latents."""
+    t, s = target.double(), source.double()
+    moved = float((t - s).norm() / s.norm().clamp_min(1e-12))
+    per_pixel = (t - s).pow(2).mean(dim=1).sqrt()
+    scale = s.pow(2).mean(dim=1).sqrt().mean().clamp_min(1e-12)
+    return moved, float((per_pixel > CHANGED_PIXEL * scale).double().mean())
+
+
+def add_hints(report: EditReport) -> None:
+    """The likely reasons an edit changes little or nothing, from the facts gathered."""
+    hints = report.hints
+    for inj in report.injections:
+        every = inj.active_steps == inj.run_steps and inj.run_steps
+        if inj.method == "fpe" and every:
+            hints.append("FPE injects at every step (fpe_ratio 1.0 or a window covering the whole run): the target "
+                         "keeps the source's self-attention maps throughout and the edit is likely to do nothing; "
+                         "lower fpe_ratio (0.8 for real images, 0.4 for generated ones)")
+        elif inj.method == "masactrl" and every and inj.layers_active == inj.of_layers:
+            hints.append("MasaCtrl reads the source from the first step at every layer: the target copies the "
+                         "source's content and the edit is likely to do nothing; raise masactrl_start_step (4) "
+                         "or leave masactrl_start_layer at -1")
+        elif not inj.active_steps:
+            hints.append(f"the {inj.method} injection is active at no step of this run (its window lies outside "
+                         f"the steps sampled): it has no effect")
+    if report.same_prompts:
+        hints.append("the source and target prompts are the same: the edit can only reproduce the source; "
+                     "change the target prompt")
+    if report.mask_kind is not None:
+        if report.mask_coverage is None:
+            hints.append("the mask was never applied (for the Adaptive Mask: no step below t_mask): nothing "
+                         "confines the edit")
+        elif report.mask_coverage <= 0.0:
+            hints.append("the mask has zero area: outside it the image is the source, so nothing can change; "
+                         "check the mask's words (they must name what to edit) or lower its threshold")
+        elif report.mask_coverage >= 1.0:
+            hints.append("the mask covers the whole image: it keeps nothing of the source")
+    if report.moved < NO_CHANGE:
+        hints.append(f"the edited image is almost the source (differs by {report.moved:.1%})"
+                     + ("" if len(hints) else ": check that the target prompt says what should change"))
+
+
+def branch_facts(report: EditReport, run) -> None:
+    """Which branches ran, were replayed or were not needed, from the branch sampler's run."""
+    info = run.info
+    report.branches = tuple(run.latents)
+    report.replayed = tuple(info.get("replayed", ()))
+    report.not_needed = tuple(info.get("unused", ()))
+    report.recomputed = dict(info.get("recomputed", {}))
+    report.ran = tuple(b for b in report.branches if b not in report.replayed + report.not_needed)
+
+
+def mask_facts(report: EditReport, run, kind: str | None, words: list[str] | None = None) -> None:
+    report.mask_kind = kind
+    if kind is None:
+        return
+    report.mask_coverage = None if run.mask is None else float(run.mask.float().mean())
+    classes = run.info.get("mask_classes")
+    if words and classes is not None:
+        obj = [w for w, on in zip(words, classes.is_object[0].tolist()) if on]
+        bg = [w for w, on in zip(words, classes.is_background[0].tolist()) if on]
+        report.mask_words = f"object words: {', '.join(obj) or 'none'}; background words: {', '.join(bg) or 'none'}"
+
+
+__all__ = ["EditReport", "Injection", "add_hints", "block_map_sides", "branch_facts", "find_injections",
+           "latent_change", "mask_facts", "SOURCE", "TARGET", "AUX"]
