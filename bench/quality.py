@@ -14,11 +14,18 @@ classifier that reads attributes back (`toyworld.classifier`).
   inversion and its reconstruction branch), ``pinned``
   (InversionReconstruct with the source pinned), and ``vae`` (encode and decode only: the ceiling
   every variant shares).
-* Edits (held-out edit pairs, every kind): per method, the edit success rate (the classifier finds
-  the target attributes on the edited object; for "remove" the object count, for "background" the
-  background colour), the background PSNR (against the source image, outside the ground-truth edit
-  mask), and a structure score (IoU of the classifier's foreground masks of the edit and of the
-  ground-truth target rendering). Methods, wired as their example workflows wire them (see
+* Edits (held-out edit pairs, every kind), each scored by `toyworld.edit_score.score_edit`: per method
+  (and per kind) the **in-place** success rate ``edit_success_rate`` (the target attributes where the
+  source object was, position and size within half a latent cell, every kept object in place, the
+  right object count) and beside it the lenient rate ``edit_success_rate_lenient`` (the earlier test:
+  the target attributes on the edited object wherever it is; for "remove" the object count, for
+  "background" the background colour); the median drift and size error of the edited object (px,
+  recolour/reshape/replace) and the median drift of the kept objects; the background PSNR and SSIM
+  outside the ground-truth edit mask against the source image (``background_psnr_db``,
+  ``background_ssim``) and against the source's VAE round trip (``..._vs_vae``: what an edit that
+  changes nothing else can reach), with the round trip's own background PSNR/SSIM against the source
+  (``background_psnr_db.vae_round_trip``); and a structure score (IoU of the classifier's foreground
+  masks of the edit and of the ground-truth target rendering). Methods, wired as their example workflows wire them (see
   `edit_methods`): ``ddim`` (the target prompt from the caption inversion, no attention control),
   ``fpe`` (Free-Prompt-Editing, empty-prompt inversion and source prompt: the source is replayed),
   ``masactrl`` (caption inversion), ``uam``
@@ -51,7 +58,6 @@ from fixtures.toy_graph import (
     World,
     aux_invert_for,
     edit_methods,
-    edit_succeeded,
     inversion_key,
     invert_for,
     iou,
@@ -65,12 +71,33 @@ log = logging.getLogger("attention_edit.bench.quality")
 
 OBJECT_EDITS = ("recolour", "reshape", "replace")
 MASK_THRESHOLD = 0.5
+VAE_ROUND_TRIP = "vae_round_trip"
+"""The method name of the rows that score the source's VAE round trip (background ceiling)."""
 
 
 def structure_iou(image: np.ndarray, reference: np.ndarray) -> float:
     from toyworld import classifier
 
     return iou(classifier.foreground_mask(image), classifier.foreground_mask(reference))
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Mean SSIM (scikit-image's local SSIM map, 7x7 windows, per channel) over the pixels where mask is True."""
+    from skimage.metrics import structural_similarity
+
+    _, local = structural_similarity(a, b, channel_axis=-1, data_range=255, full=True)
+    return float(local[mask].mean())
+
+
+def background_scores(image: np.ndarray, source_image: np.ndarray, source_vae: np.ndarray,
+                      keep: np.ndarray) -> dict[str, float | None]:
+    """Background PSNR and SSIM of `image` outside the edit mask, against the source and its VAE round trip."""
+    if not keep.any():
+        return dict.fromkeys(("background_psnr", "background_psnr_vs_vae", "background_ssim",
+                              "background_ssim_vs_vae"))
+    return {"background_psnr": psnr(image, source_image, keep), "background_psnr_vs_vae": psnr(image, source_vae, keep),
+            "background_ssim": masked_ssim(image, source_image, keep),
+            "background_ssim_vs_vae": masked_ssim(image, source_vae, keep)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,8 +145,10 @@ def reconstruction(world: World, scene_list: Sequence) -> dict[str, dict[str, li
 
 def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
           keep_images: bool = False) -> list[dict[str, Any]]:
-    """One row of scores per (pair, method); with keep_images the edited image too (row["image"])."""
-    from toyworld import scenes
+    """One row of scores per (pair, method), and one "vae_round_trip" row per pair (the source's encode and
+    decode, scored as an edit that changed nothing: its background scores are the ceiling); with keep_images
+    the edited image too (row["image"])."""
+    from toyworld import edit_score, scenes
 
     table = edit_methods(world)
     methods = list(table) if methods is None else list(methods)
@@ -136,15 +165,22 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
             if "aux_model" in spec and inversion_key(spec, aux=True) not in handles:
                 handles[inversion_key(spec, aux=True)] = aux_invert_for(world, spec, pair, latent)
         keep = ~pair.edit_mask
+        source_vae = world.decode(latent)
+        rows.append({"pair": n, "kind": pair.kind, "method": VAE_ROUND_TRIP,
+                     **background_scores(source_vae, source_image, source_vae, keep)})
         for method in methods:
             spec = table[method]
             started = time.perf_counter()
             handle = handles[inversion_key(spec)]
             aux_handle = handles[inversion_key(spec, aux=True)] if "aux_model" in spec else None
             image, mask = run_edit(world, spec, pair, handle, aux_handle)
-            row = {"pair": n, "kind": pair.kind, "method": method, "success": edit_succeeded(pair, image),
-                   "background_psnr": psnr(image, source_image, keep) if keep.any() else None,
-                   "structure": structure_iou(image, target_image), "seconds": time.perf_counter() - started}
+            seconds = time.perf_counter() - started
+            score = edit_score.score_edit(pair, image)
+            row = {"pair": n, "kind": pair.kind, "method": method, "success": score["success"],
+                   "success_lenient": score["success_lenient"], "drift_px": score["drift_px"],
+                   "size_error_px": score["size_error_px"], "kept_drift_px": score["kept_drift_px"],
+                   **background_scores(image, source_image, source_vae, keep),
+                   "structure": structure_iou(image, target_image), "seconds": seconds}
             if keep_images:
                 row["image"] = image
             if spec.get("mask") is not None and pair.kind in OBJECT_EDITS:
@@ -204,6 +240,52 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _median(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else float("nan")
+
+
+def record_edits(add, rows: list[dict[str, Any]]) -> None:
+    """The edit records of `rows` (see `edits`): overall, per method and per method and kind.
+
+    Medians and means of values an edit may lack (drift of an object not found, background of an edit
+    that changes every pixel) are taken over the edits that have them, and not recorded when none has.
+    """
+    def put(metric, values, unit, reduce=_mean, lower_is_better=False, **extra):
+        values = [v for v in values if v is not None]
+        if values:
+            add(metric, reduce(values), unit, lower_is_better, n=len(values), **extra)
+
+    edited = [r for r in rows if r["method"] != VAE_ROUND_TRIP]
+    ceiling = [r for r in rows if r["method"] == VAE_ROUND_TRIP]
+    put("toyworld.edit_success_rate", [r["success"] for r in edited], "rate", note="in place")
+    put("toyworld.edit_success_rate_lenient", [r["success_lenient"] for r in edited], "rate")
+    put("toyworld.background_psnr_db", [r["background_psnr"] for r in edited], "dB")
+    put("toyworld.structure_iou", [r["structure"] for r in edited], "iou")
+    put(f"toyworld.background_psnr_db.{VAE_ROUND_TRIP}", [r["background_psnr"] for r in ceiling], "dB")
+    put(f"toyworld.background_ssim.{VAE_ROUND_TRIP}", [r["background_ssim"] for r in ceiling], "ssim")
+    for method in dict.fromkeys(r["method"] for r in edited):
+        mine = [r for r in edited if r["method"] == method]
+        groups = [(method, mine)] + [(f"{method}.{kind}", [r for r in mine if r["kind"] == kind])
+                                     for kind in dict.fromkeys(r["kind"] for r in mine)]
+        for key, chosen in groups:
+            put(f"toyworld.edit_success_rate.{key}", [r["success"] for r in chosen], "rate", note="in place")
+            put(f"toyworld.edit_success_rate_lenient.{key}", [r["success_lenient"] for r in chosen], "rate")
+            put(f"toyworld.background_psnr_db.{key}", [r["background_psnr"] for r in chosen], "dB")
+            put(f"toyworld.edit_drift_px.{key}", [r["drift_px"] for r in chosen], "px", _median, True,
+                note="median centroid drift of the edited object (recolour, reshape, replace)")
+        put(f"toyworld.edit_size_error_px.{method}", [None if r["size_error_px"] is None else abs(r["size_error_px"])
+                                                      for r in mine], "px", _median, True,
+            note="median |equivalent-radius error| of the edited object")
+        put(f"toyworld.kept_drift_px.{method}", [r["kept_drift_px"] for r in mine], "px", _median, True,
+            note="median of the largest drift among the unedited objects")
+        put(f"toyworld.background_psnr_db_vs_vae.{method}", [r["background_psnr_vs_vae"] for r in mine], "dB")
+        put(f"toyworld.background_ssim.{method}", [r["background_ssim"] for r in mine], "ssim")
+        put(f"toyworld.background_ssim_vs_vae.{method}", [r["background_ssim_vs_vae"] for r in mine], "ssim")
+        put(f"toyworld.structure_iou.{method}", [r["structure"] for r in mine], "iou")
+        put(f"toyworld.edit_seconds.{method}", [r["seconds"] for r in mine], "s", lower_is_better=True)
+
+
 def run(rec, model_path, **options) -> None:
     """Measure and record everything (options: see `measure`) under torch.inference_mode, as ComfyUI runs nodes."""
     import torch
@@ -239,26 +321,14 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     started = time.perf_counter()
     pairs = scenes.make_edit_pairs(0, n_per_kind, split="test", kinds=kinds or scenes.EDIT_KINDS)
     rows = edits(world, pairs, methods)
-    add("toyworld.edit_success_rate", _mean([r["success"] for r in rows]), "rate", n=len(rows))
-    add("toyworld.background_psnr_db", _mean([r["background_psnr"] for r in rows]), "dB", n=len(rows))
-    add("toyworld.structure_iou", _mean([r["structure"] for r in rows]), "iou", n=len(rows))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        add(f"toyworld.edit_success_rate.{method}", _mean([r["success"] for r in mine]), "rate", n=len(mine))
-        add(f"toyworld.background_psnr_db.{method}", _mean([r["background_psnr"] for r in mine]), "dB", n=len(mine))
-        add(f"toyworld.structure_iou.{method}", _mean([r["structure"] for r in mine]), "iou", n=len(mine))
-        for kind in dict.fromkeys(r["kind"] for r in mine):
-            chosen = [r for r in mine if r["kind"] == kind]
-            add(f"toyworld.edit_success_rate.{method}.{kind}", _mean([r["success"] for r in chosen]), "rate",
-                n=len(chosen))
-            add(f"toyworld.background_psnr_db.{method}.{kind}", _mean([r["background_psnr"] for r in chosen]), "dB",
-                n=len(chosen))
+    record_edits(add, rows)
     for metric, method in (("instant", "instdiffedit"), ("adaptive", "uam"), ("adaptive_pinned", "uam_pinned"),
                            ("adaptive_unchanged", "uam_unchanged")):
         values = [r["mask_iou"] for r in rows if r["method"] == method and "mask_iou" in r]
         if values:
             add(f"toyworld.mask_iou.{metric}", _mean(values), "iou", n=len(values))
-    log.info("edits: %d in %.0f s", len(rows), time.perf_counter() - started)
+    log.info("edits: %d in %.0f s", len([r for r in rows if r["method"] != VAE_ROUND_TRIP]),
+             time.perf_counter() - started)
 
     started = time.perf_counter()
     gen_scenes = evaluate.held_out_scenes(max(n_gen, n_attention), seed=0)

@@ -1,9 +1,11 @@
 """`make bench`: run the benchmarks and write bench/results/<device>.json.
 
-    python -m bench.run [--device cpu|cuda] [--only perf regulation quality] [--repeats 5] [--model FILE]
+    python -m bench.run [--device cpu|cuda] [--only perf regulation quality probes] [--repeats 5] [--model FILE]
 
 perf and regulation time the full-size SD1.5 architecture; quality measures edits on the toy world
-(models/toyworld.safetensors, CPU always: the toy model is tiny).
+(models/toyworld.safetensors, CPU always: the toy model is tiny); probes runs the FPE paper's probes on it
+(per layer, how much of the source layout swapping in its self-attention restores; per word, where its
+cross-attention goes: bench/probes.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import time
 
 from .common import REPO, Recorder, setup
 
-SUITES = ("perf", "regulation", "quality")
+SUITES = ("perf", "regulation", "quality", "probes")
 
 
 def suite_of(metric: str) -> str:
+    if metric.startswith("toyworld.probe."):
+        return "probes"
     if metric.startswith("toyworld."):
         return "quality"
     return "regulation" if metric.startswith("regulation.") else "perf"
@@ -59,20 +63,28 @@ def main(argv=None) -> int:
             regulation.run(rec, args.device, steps=2, latent_side=16, repeats=1, family="sd15")
         else:
             regulation.run(rec, args.device, repeats=args.repeats)
-    if "quality" in args.only:
+    if "quality" in args.only or "probes" in args.only:
         from attention_edit.toyworld import model as toymodel
-
-        from . import quality
 
         model = type(REPO)(args.model) if args.model else REPO / "models" / toymodel.TRAINED_FILE_NAME
         if not model.is_file():
-            parser.error(f"the quality suite needs the toy-world model: {model} does not exist "
+            parser.error(f"the quality and probes suites need the toy-world model: {model} does not exist "
                          "(train it with python -m toyworld.train)")
+    if "quality" in args.only:
+        from . import quality
+
         if args.smoke:
             quality.run(rec, model, steps=4, n_recon=1, n_per_kind=1, n_gen=2, n_attention=1, n_regulation=1,
                         gen_steps=3, kinds=("recolour", "remove"))
         else:
             quality.run(rec, model)
+    if "probes" in args.only:
+        from . import probes
+
+        if args.smoke:
+            probes.run(rec, model, steps=3, n_per_kind=1, n_attention=1, kinds=("recolour",))
+        else:
+            probes.run(rec, model)
     name = "cpu" if args.device == "cpu" else re.sub(r"[^a-z0-9]+", "-", rec.common["device"].lower()).strip("-")
     out = REPO / "bench" / "results" / f"{name}.json" if args.output is None else args.output
     out = type(REPO)(out)

@@ -17,6 +17,7 @@ import sys
 from .common import REPO
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+PROBE = "toyworld.probe."
 README = REPO / "README.md"
 
 EDIT_METHODS = {
@@ -26,7 +27,9 @@ EDIT_METHODS = {
     "uam": "UAM (official): normal + uniform inversions, MasaCtrl, adaptive mask",
     "uam_pinned": "UAM, one pinned uniform inversion (uniform_pinned)",
     "uam_unchanged": "UAM, the paper's dilation (unchanged region)",
-    "instdiffedit": "InstDiffEdit: instant mask, strength 0.5",
+    "fpe_all_maps": "FPE at every map size (fpe_max_map_side 1.0, a variant)",
+    "instdiffedit": "InstDiffEdit, pack variant: instant mask in the Edit Sampler, strength 0.5",
+    "instdiffedit_paper": "InstDiffEdit (paper): Instant Mask Estimate, then stock masked inpainting",
 }
 RECON_VARIANTS = {
     "vae": "VAE encode/decode only (ceiling)",
@@ -46,6 +49,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.3f}"
     if unit in ("rate", "iou", "ssim", "fraction"):
         return f"{value:.3f}"
+    if unit == "px":
+        return f"{value:.1f}"
     return f"{value:.3g}"
 
 
@@ -55,6 +60,7 @@ def _source(records: list[dict]) -> str:
 
 
 def quality_tables(records: list[dict]) -> list[str]:
+    records = [r for r in records if not r["metric"].startswith(PROBE)]
     by = {r["metric"]: r for r in records}
     if not any(m.startswith("toyworld.") for m in by):
         return []
@@ -73,17 +79,31 @@ def quality_tables(records: list[dict]) -> list[str]:
               f"{value('toyworld.recon_psnr_gain_db.uniform_vs_ddim_cfg7_5')} dB.", ""]
     kinds = list(dict.fromkeys(m.rsplit(".", 1)[1] for m in by if m.startswith("toyworld.edit_success_rate.")
                                and m.count(".") == 3))
-    lines += ["| Edit method | success | background PSNR dB | structure IoU | " + " | ".join(kinds) + " |",
-              "|---|---|---|---|" + "---|" * len(kinds)]
+
+    def per_kind(key: str, kind: str) -> str:
+        lenient = f"toyworld.edit_success_rate_lenient.{key}.{kind}"
+        in_place = value(f"toyworld.edit_success_rate.{key}.{kind}")
+        return in_place if lenient not in by else f"{in_place} / {value(lenient)}"
+
+    columns = [("success, in place", "edit_success_rate"), ("success, lenient", "edit_success_rate_lenient"),
+               ("median drift px", "edit_drift_px"), ("median kept-object drift px", "kept_drift_px"),
+               ("background PSNR dB vs source", "background_psnr_db"),
+               ("vs VAE round trip", "background_psnr_db_vs_vae"), ("background SSIM vs source", "background_ssim"),
+               ("vs VAE round trip", "background_ssim_vs_vae"), ("structure IoU", "structure_iou")]
+    lines += ["| Edit method | " + " | ".join(c[0] for c in columns) + " | " + " | ".join(kinds) + " |",
+              "|---|" + "---|" * (len(columns) + len(kinds))]
     for key, label in EDIT_METHODS.items():
         if f"toyworld.edit_success_rate.{key}" not in by:
             continue
-        per_kind = " | ".join(value(f"toyworld.edit_success_rate.{key}.{k}") for k in kinds)
-        lines.append(f"| {label} | {value(f'toyworld.edit_success_rate.{key}')} | "
-                     f"{value(f'toyworld.background_psnr_db.{key}')} | {value(f'toyworld.structure_iou.{key}')} | "
-                     f"{per_kind} |")
-    lines += ["", "(success per edit kind in the last columns.)", ""]
-    rows = [("Mask IoU, instant (InstDiffEdit)", "toyworld.mask_iou.instant"),
+        cells = [value(f"toyworld.{metric}.{key}") for _, metric in columns] + [per_kind(key, k) for k in kinds]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "(In place: the target attributes where the source object was, within half a latent cell (4 px) "
+              "in position and size, every other object in place; lenient: the target attributes on the edited "
+              "object wherever it is. Drift: the edited object's centroid, recolour/reshape/replace. Background: "
+              "outside the ground-truth edit mask. Per edit kind in the last columns, in place / lenient.)", ""]
+    rows = [("Background PSNR dB of the source's VAE round trip (ceiling)", "toyworld.background_psnr_db.vae_round_trip"),
+            ("Background SSIM of the source's VAE round trip (ceiling)", "toyworld.background_ssim.vae_round_trip"),
+            ("Mask IoU, instant (InstDiffEdit)", "toyworld.mask_iou.instant"),
             ("Mask IoU, adaptive (UAM, edit-region dilation)", "toyworld.mask_iou.adaptive"),
             ("Mask IoU, adaptive (UAM, unchanged-region dilation)", "toyworld.mask_iou.adaptive_unchanged"),
             ("Generation attribute accuracy (held-out captions)", "toyworld.gen_attribute_accuracy"),
@@ -100,6 +120,48 @@ def quality_tables(records: list[dict]) -> list[str]:
         if metric in by:
             extra = f" (chance {by[metric]['chance']})" if "chance" in by[metric] else ""
             lines.append(f"| {label} | {value(metric)}{extra} |")
+    return lines
+
+
+def probe_tables(records: list[dict]) -> list[str]:
+    """The FPE paper's probes (bench/probes.py): per layer the layout a swap restores, per word its attention."""
+    by = {r["metric"]: r for r in records if r["metric"].startswith(PROBE)}
+    if not by:
+        return []
+
+    def value(metric: str) -> str:
+        r = by.get(metric)
+        return "n/a" if r is None else _fmt(r["value"], r["unit"])
+
+    first = next(iter(by.values()))
+    lines = [f"**Probes on the toy world** ({first['model']}, {first['steps']} steps; {_source(list(by.values()))}):", ""]
+    variants = list(dict.fromkeys(m.rsplit(".", 1)[1] for m in by if m.startswith(PROBE + "structure_iou.")))
+    if variants:
+        lines += ["| Source self-attention swapped into the target at | map side | layout restored (structure) | "
+                  "layout restored (drift) | median drift px | structure IoU | success, in place |",
+                  "|---|---|---|---|---|---|---|"]
+        labels = {"baseline": "nowhere (no attention control)", "fpe_default": "the FPE default (map side ≤ 1/2)",
+                  "all_layers": "every layer"}
+        for variant in variants:
+            side = by[PROBE + "structure_iou." + variant].get("map_side")
+            lines.append(f"| {labels.get(variant, variant)} | {'' if side is None else f'{side}x{side}'} | "
+                         f"{value(PROBE + 'structure_restored.' + variant)} | {value(PROBE + 'drift_restored.' + variant)}"
+                         f" | {value(PROBE + 'median_drift_px.' + variant)} | {value(PROBE + 'structure_iou.' + variant)}"
+                         f" | {value(PROBE + 'edit_success_rate.' + variant)} |")
+        lines += ["", "(Layout restored: the share of the no-injection edit's layout error (1 - foreground IoU with "
+                  "the ground truth; the edited object's centroid drift) that FPE's swap at that layer alone "
+                  "removes: 0 = like no injection, 1 = the source layout.)", ""]
+    kinds = list(dict.fromkeys(m.split(".")[3] for m in by if m.startswith(PROBE + "word_mass_in_mask.")))
+    if kinds:
+        views = list(dict.fromkeys(m.split(".", 4)[4] for m in by if m.startswith(PROBE + "word_mass_in_mask.")
+                                   and m.count(".") == 4))
+        lines += ["| Word | cross-attention mass in its object, all maps | " + " | ".join(views)
+                  + " | chance | own object over the other |", "|---|---|" + "---|" * (len(views) + 2)]
+        for kind in kinds:
+            main = by[PROBE + "word_mass_in_mask." + kind]
+            cells = [value(PROBE + f"word_mass_in_mask.{kind}.{view}") for view in views]
+            lines.append(f"| {kind} | {value(PROBE + 'word_mass_in_mask.' + kind)} | " + " | ".join(cells)
+                         + f" | {main.get('chance', 'n/a')} | {value(PROBE + 'word_own_object_rate.' + kind)} |")
     return lines
 
 
@@ -123,7 +185,7 @@ def tables(files: list[pathlib.Path]) -> str:
         records = json.loads(path.read_text())
         if not records:
             continue
-        for lines in (quality_tables(records), perf_table(records)):
+        for lines in (quality_tables(records), probe_tables(records), perf_table(records)):
             if lines:
                 blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -26,7 +26,11 @@ QUALITY = {"toyworld.recon_psnr_db.ddim_cfg1", "toyworld.recon_psnr_db.ddim_cfg7
            "toyworld.recon_psnr_gain_db.uniform_vs_ddim_cfg7_5", "toyworld.mask_iou.instant",
            "toyworld.mask_iou.adaptive", "toyworld.edit_success_rate", "toyworld.background_psnr_db",
            "toyworld.structure_iou", "toyworld.edit_success_rate.uam.recolour", "toyworld.gen_attribute_accuracy",
-           "toyworld.regulation.both_objects_rate", "toyworld.regulation.both_objects_rate.plain"}
+           "toyworld.regulation.both_objects_rate", "toyworld.regulation.both_objects_rate.plain",
+           "toyworld.edit_success_rate_lenient", "toyworld.edit_success_rate_lenient.uam",
+           "toyworld.edit_success_rate_lenient.uam.recolour", "toyworld.background_psnr_db_vs_vae.uam",
+           "toyworld.background_ssim.uam", "toyworld.background_ssim_vs_vae.uam",
+           "toyworld.background_psnr_db.vae_round_trip", "toyworld.background_ssim.vae_round_trip"}
 
 
 def test_quality_smoke_runs_every_method_on_the_trained_toy_model(tmp_path):
@@ -40,6 +44,34 @@ def test_quality_smoke_runs_every_method_on_the_trained_toy_model(tmp_path):
     # The pinned reconstruction is exact in latent space, so it decodes to the VAE's own round trip.
     assert abs(by["toyworld.recon_psnr_db.pinned"]["value"] - by["toyworld.recon_psnr_db.vae"]["value"]) < 0.05
     assert "untrained" not in by["toyworld.edit_success_rate"]["model"]
+    # The in-place test asks the lenient one's question and more: it can only be stricter.
+    for metric in [m for m in by if m.startswith("toyworld.edit_success_rate.")]:
+        lenient = metric.replace("edit_success_rate", "edit_success_rate_lenient")
+        assert by[metric]["value"] <= by[lenient]["value"] + 1e-9, metric
+    assert not any(m.startswith("toyworld.probe.") for m in by)  # the probes are their own suite
+
+
+def test_probes_smoke_swaps_self_attention_one_layer_at_a_time(tmp_path):
+    from attention_edit.engine.patching import transformer_blocks
+    from attention_edit.nodes.toy_loader import MODELS_DIR
+    from attention_edit.toyworld import model as toymodel
+    from bench import probes
+
+    out = tmp_path / "probes.json"
+    assert run.main(["--smoke", "--only", "probes", "--output", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert all(REQUIRED <= set(r) for r in records)
+    assert all(r["metric"].startswith("toyworld.probe.") and r["value"] == r["value"] for r in records)
+    by = {r["metric"]: r for r in records}
+    keys = transformer_blocks(toymodel.load_toy(MODELS_DIR / toymodel.TRAINED_FILE_NAME)[0])
+    variants = [probes.layer_name(k) for k in keys] + ["baseline", probes.ALL_LAYERS, probes.FPE_DEFAULT]
+    assert {f"toyworld.probe.structure_iou.{v}" for v in variants} <= set(by)
+    assert by["toyworld.probe.structure_restored.baseline"]["value"] == 0.0  # the reference itself
+    sides = [by[f"toyworld.probe.structure_iou.{probes.layer_name(k)}"]["map_side"] for k in keys]
+    assert max(sides) == 16 and min(sides) < 16  # the 16x16 latent's full-size and coarser maps
+    for kind in ("size", "colour", "shape"):
+        word = by[f"toyworld.probe.word_mass_in_mask.{kind}"]
+        assert 0.0 <= word["value"] <= 1.0 and 0.0 < word["chance"] < 1.0
 
 
 def test_readme_tables_come_from_result_records(tmp_path):
@@ -49,6 +81,19 @@ def test_readme_tables_come_from_result_records(tmp_path):
                 "device": "cpu: test", "torch": "2", "commit": "abc", "date": "d"},
                {"metric": "toyworld.edit_success_rate.uam.recolour", "value": 0.5, "unit": "rate",
                 "model": "toy world (m)", "device": "cpu: test", "torch": "2", "commit": "abc", "date": "d"},
+               {"metric": "toyworld.edit_success_rate_lenient.uam.recolour", "value": 1.0, "unit": "rate",
+                "model": "toy world (m)", "device": "cpu: test", "torch": "2", "commit": "abc", "date": "d"},
+               {"metric": "toyworld.edit_drift_px.uam", "value": 9.25, "unit": "px", "model": "toy world (m)",
+                "device": "cpu: test", "torch": "2", "commit": "abc", "date": "d"},
+               {"metric": "toyworld.probe.structure_restored.output4", "value": 0.375, "unit": "fraction",
+                "model": "toy world (m)", "steps": 50, "map_side": 16, "device": "cpu: test", "torch": "2",
+                "commit": "abc", "date": "d"},
+               {"metric": "toyworld.probe.structure_iou.output4", "value": 0.625, "unit": "iou",
+                "model": "toy world (m)", "steps": 50, "map_side": 16, "device": "cpu: test", "torch": "2",
+                "commit": "abc", "date": "d"},
+               {"metric": "toyworld.probe.word_mass_in_mask.colour", "value": 0.875, "unit": "fraction",
+                "model": "toy world (m)", "steps": 0, "chance": 0.08, "device": "cpu: test", "torch": "2",
+                "commit": "abc", "date": "d"},
                {"metric": "uniform.overhead_ratio", "value": 0.9, "unit": "ratio", "model": "SD1.5", "goal": 1.0,
                 "resolution": "256px", "steps": 4, "device": "cpu: test", "torch": "2", "commit": "abc", "date": "d"}]
     results = tmp_path / "cpu.json"
@@ -59,6 +104,9 @@ def test_readme_tables_come_from_result_records(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| UAM (official): normal + uniform inversions, MasaCtrl, adaptive mask | 0.750 |" in text
-    assert "| recolour |" in text and "| 0.500 |" in text
+    assert "| recolour |" in text and "| 0.500 / 1.000 |" in text  # per kind: in place / lenient
+    assert "| median drift px |" in text and "| 9.2 |" in text
+    assert "| output4 | 16x16 | 0.375 | n/a | n/a | 0.625 | n/a |" in text
+    assert "| colour | 0.875 |" in text and "| 0.08 |" in text
     assert "| `uniform.overhead_ratio` | 0.900 | ≤ 1 (met) |" in text
     assert "cpu: test" in text
