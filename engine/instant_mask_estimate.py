@@ -23,8 +23,7 @@ import torch
 from ..attention.instant_mask import MapAccumulator, WordClasses, attention_probabilities, instant_mask, mean_over_samples
 from .contract import AttentionCall
 from .inversion import check_latent_fits, schedule
-from .patching import add_attention_replace
-from .regulation import block_map_sides
+from .patching import add_attention_replace, block_map_sides
 
 
 def partial_schedule(sigmas: torch.Tensor, strength: float) -> torch.Tensor:

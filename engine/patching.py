@@ -53,6 +53,35 @@ def transformer_blocks(model) -> list[tuple[str, int, int]]:
     return unet_transformer_blocks(unet_of(model))
 
 
+def block_map_sides(model) -> dict[tuple[str, int, int], float]:
+    """Map side relative to the latent side of every transformer block (its key as in transformer_blocks),
+    from the UNet's structure: each downsampling halves it, each upsampling doubles it (a Downsample /
+    Upsample layer, or a ResBlock that resamples)."""
+    unet = unet_of(model)
+
+    def resamples(layer, kind: str) -> bool:
+        name = type(layer).__name__
+        return name == kind or (name == "ResBlock" and bool(getattr(layer, "updown", False))
+                                and type(getattr(layer, "h_upd", None)).__name__ == kind)
+
+    sides: dict[tuple[str, int], float] = {}
+    side = 1.0
+    for number, block in enumerate(unet.input_blocks):
+        for layer in block:
+            if resamples(layer, "Downsample"):
+                side /= 2
+            elif hasattr(layer, "transformer_blocks"):
+                sides[("input", number)] = side
+    sides[("middle", 0)] = side
+    for number, block in enumerate(unet.output_blocks):
+        for layer in block:
+            if resamples(layer, "Upsample"):
+                side *= 2
+            elif hasattr(layer, "transformer_blocks"):
+                sides[("output", number)] = side
+    return {key: sides[key[:2]] for key in transformer_blocks(model)}
+
+
 def unet_transformer_blocks(unet) -> list[tuple[str, int, int]]:
     """transformer_blocks of a bare UNet module (the host's block keys for attention patches)."""
     keys = []

@@ -12,7 +12,7 @@ import torch
 
 from ..attention.blocks import block_selected, parse_block_spec
 from ..attention.regulation import RegulationParams, gaussian_basis, layer_seed, regulate
-from .patching import add_attention_replace, transformer_blocks, unet_of
+from .patching import add_attention_replace, block_map_sides, unet_of
 from .tokens import CHUNK, parse_words, prompt_words, tokenized, word_ids
 
 log = logging.getLogger("attention_edit")
@@ -105,28 +105,6 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
                                  f"name each word once")
             seen[pos] = word
     return plan
-
-
-def block_map_sides(model) -> dict[tuple[str, int, int], float]:
-    """Map side relative to the latent side of every transformer block, from the UNet's structure
-    (each Downsample halves it, each Upsample doubles it)."""
-    unet = unet_of(model)
-    sides: dict[tuple[str, int], float] = {}
-    side = 1.0
-    for number, block in enumerate(unet.input_blocks):
-        for layer in block:
-            if type(layer).__name__ == "Downsample":
-                side /= 2
-            elif hasattr(layer, "transformer_blocks"):
-                sides[("input", number)] = side
-    sides[("middle", 0)] = side
-    for number, block in enumerate(unet.output_blocks):
-        for layer in block:
-            if type(layer).__name__ == "Upsample":
-                side *= 2
-            elif hasattr(layer, "transformer_blocks"):
-                sides[("output", number)] = side
-    return {key: sides[key[:2]] for key in transformer_blocks(model)}
 
 
 def _side_text(side: float) -> str:

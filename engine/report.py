@@ -15,7 +15,7 @@ import torch
 
 from ..attention.layout import AUX, SOURCE, TARGET
 from .contract import AttentionCall, AttentionPatch
-from .patching import transformer_blocks
+from .patching import block_map_sides, transformer_blocks
 
 # An edited latent closer than this to the source (relative RMS difference) is reported as "almost the source".
 NO_CHANGE = 0.02
@@ -103,32 +103,6 @@ def _steps_text(active: list[int], run: list[int]) -> str:
     return f"{span} ({len(active)} of {len(run)})"
 
 
-def block_map_sides(model) -> dict[tuple[str, int], float]:
-    """Each UNet block's attention map side relative to the latent side (1, 1/2, 1/4, ...), from where its
-    down- and upsampling layers are."""
-    unet = model.model.diffusion_model
-
-    def resamples(block, kind: str) -> bool:
-        for layer in block:
-            name = type(layer).__name__
-            if name == kind or (name == "ResBlock" and getattr(layer, "updown", False)
-                                and type(getattr(layer, "h_upd", None)).__name__ == kind):
-                return True
-        return False
-
-    sides, level = {}, 0
-    for number, block in enumerate(unet.input_blocks):
-        if resamples(block, "Downsample"):
-            level += 1
-        sides[("input", number)] = 0.5 ** level
-    sides[("middle", 0)] = 0.5 ** level
-    for number, block in enumerate(unet.output_blocks):
-        sides[("output", number)] = 0.5 ** level  # its transformer runs before the block's upsampling
-        if resamples(block, "Upsample"):
-            level -= 1
-    return sides
-
-
 def _probe(key: tuple[str, int, int], step: int, steps: int, side: float | None) -> AttentionCall:
     """An attention call as a patch sees it at `step` in block `key`, for asking its `active`."""
     return AttentionCall(options={}, batch=2, heads=1, chunks=(0,), run=None, step=(step, steps), exact_step=True,
@@ -154,7 +128,7 @@ def find_injections(model, steps: int, run_steps: int) -> list[Injection]:
             entry = found.setdefault(link.reader or id(link), {"method": link.method[len(INJECTION_PREFIX):],
                                                                "layers": 0, "steps": set(), "active_layers": 0})
             entry["layers"] += 1
-            side = sides.get(key[:2])
+            side = sides.get(key)
             active = [i for i in run if link.active(_probe(key, i, steps, side))]
             entry["steps"] |= set(active)
             entry["active_layers"] += bool(active)
@@ -226,5 +200,5 @@ def mask_facts(report: EditReport, run, kind: str | None, words: list[str] | Non
         report.mask_words = f"object words: {', '.join(obj) or 'none'}; background words: {', '.join(bg) or 'none'}"
 
 
-__all__ = ["EditReport", "Injection", "add_hints", "block_map_sides", "branch_facts", "find_injections",
+__all__ = ["EditReport", "Injection", "add_hints", "branch_facts", "find_injections",
            "latent_change", "mask_facts", "SOURCE", "TARGET", "AUX"]

@@ -11,7 +11,7 @@ from attention_edit.attention import regulation as R
 from attention_edit.attention.blocks import map_size
 from attention_edit.attention.heads import head_scores, heads_output
 from attention_edit.engine import regulation as E
-from attention_edit.engine.patching import default_attention, transformer_blocks
+from attention_edit.engine.patching import block_map_sides, default_attention, transformer_blocks
 from attention_edit.nodes.regulation import AttentionRegulation
 from fixtures import tiny
 
@@ -404,7 +404,7 @@ def unet_structure(family: str):
 def test_layers_by_meaning():
     for family in tiny.FAMILIES:
         model = tiny.build(family)
-        sides = E.block_map_sides(model)
+        sides = block_map_sides(model)
         chosen = E.regulation_layers(model)
         assert chosen and all(sides[key] == 0.25 and key[0] in ("input", "output") for key in chosen)
         assert set(E.regulation_layers(model, "all", 0.0)) == set(transformer_blocks(model))
@@ -471,7 +471,7 @@ def test_structural_map_sides_match_the_maps_seen_while_sampling(world):
             return default_attention(q, k, v, extra)
         m.set_model_attn2_replace(probe, *key)
     ksample(m, positive, negative, steps=1)
-    assert seen == E.block_map_sides(model)
+    assert seen == block_map_sides(model)
 
 
 def test_node_errors_before_sampling(sd1_clip):
