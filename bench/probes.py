@@ -33,7 +33,7 @@ import numpy as np
 
 from fixtures.toy_graph import World, run_edit
 
-from .quality import structure_iou
+from .quality import open_world, structure_iou
 
 log = logging.getLogger("attention_edit.bench.probes")
 
@@ -139,17 +139,9 @@ def run(rec, model_path, **options) -> None:
 def measure(rec, model_path, steps: int = 50, n_per_kind: int = 1, n_attention: int = 16,
             kinds: Sequence[str] = OBJECT_EDITS) -> None:
     from attention_edit.engine.patching import transformer_blocks
-    from attention_edit.toyworld import model as toymodel
     from toyworld import evaluate, scenes
 
-    world = World(model_path, steps)
-    _, info = toymodel.read_toy_metadata(model_path)
-    name = f"toy world ({model_path.name}{'' if info.get('trained') else ', untrained'})"
-    resolution = "128px (latent 16x16)"
-
-    def add(metric, value, unit, lower_is_better=False, steps_=steps, **extra):
-        rec.add(metric, value, unit, lower_is_better, name, resolution, steps_, **extra)
-
+    world, add = open_world(rec, model_path, steps)
     started = time.perf_counter()
     sides = map_sides(world, scenes.REFERENCE_SIZE)
     pairs = scenes.make_edit_pairs(0, n_per_kind, split="test", kinds=kinds)

@@ -294,11 +294,10 @@ def run(rec, model_path, **options) -> None:
         measure(rec, model_path, **options)
 
 
-def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int = 4, n_gen: int = 64,
-            n_attention: int = 32, n_regulation: int = 32, gen_steps: int = 20, methods: Sequence[str] | None = None,
-            kinds: Sequence[str] | None = None) -> None:
+def open_world(rec, model_path, steps: int):
+    """The toy world, and `add(metric, value, unit, lower_is_better=False, steps_=steps, **extra)` recording a
+    metric of it (the model's name, the resolution and the steps filled in)."""
     from attention_edit.toyworld import model as toymodel
-    from toyworld import evaluate, scenes
 
     world = World(model_path, steps)
     _, info = toymodel.read_toy_metadata(model_path)
@@ -308,6 +307,15 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     def add(metric, value, unit, lower_is_better=False, steps_=steps, **extra):
         rec.add(metric, value, unit, lower_is_better, name, resolution, steps_, **extra)
 
+    return world, add
+
+
+def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int = 4, n_gen: int = 64,
+            n_attention: int = 32, n_regulation: int = 32, gen_steps: int = 20, methods: Sequence[str] | None = None,
+            kinds: Sequence[str] | None = None) -> None:
+    from toyworld import evaluate, scenes
+
+    world, add = open_world(rec, model_path, steps)
     started = time.perf_counter()
     held_out = scenes.make_dataset(1, n_recon, "test")
     recon = reconstruction(world, held_out)
