@@ -100,3 +100,19 @@ def masactrl_joint(k_t: torch.Tensor, v_t: torch.Tensor, img: slice, k_s: torch.
     k2[:, :, img] = k_s.to(k2)
     v2[:, :, img] = v_s.to(v2)
     return k2, v2
+
+
+def image_text_probabilities(q: torch.Tensor, k: torch.Tensor, txt: slice) -> torch.Tensor:
+    """The image queries' attention probabilities over the text tokens, averaged over heads, in fp32:
+    (batch, queries, text tokens) from q (batch, heads, queries, d) and all keys k (batch, heads, keys, d).
+
+    The softmax runs over the full joint key set (text, image and any reference tokens), as the model's own
+    attention does, and only then are the text columns kept: P_ij = softmax_j(q_i . k_j / sqrt(d)), j in txt.
+    One head at a time, so the scores of a single head are the largest tensor held.
+    """
+    total = None
+    for h in range(q.shape[1]):
+        scores = torch.matmul(q[:, h].float(), k[:, h].float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        p = torch.softmax(scores, dim=-1)[..., txt]
+        total = p if total is None else total + p
+    return total / q.shape[1]

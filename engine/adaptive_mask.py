@@ -48,9 +48,18 @@ class AdaptiveMaskStrategy:
         return model
 
     def start(self, layout, sigmas, trajectory, model_sampling) -> AdaptiveMaskRun:
-        # T_mask is a timestep of the 1000-step training schedule; compare on ComfyUI's sigmas.
-        sigma_mask = float(model_sampling.sigma(torch.tensor(float(self.t_mask))))
+        sigma_mask = mask_sigma(model_sampling, self.t_mask)
         return AdaptiveMaskRun(self, layout, sigmas, sigma_mask)
+
+
+def mask_sigma(model_sampling, t_mask: float) -> float:
+    """T_mask, a timestep of the 1000-step training schedule, as a sigma of this model (compared with
+    ComfyUI's sigmas). The UNets' and SD3's model samplings count time on those 1000 steps
+    (timestep(sigma_max) = 999 or 1000); Flux's counts it on [0, 1] (timestep(sigma) = sigma), so there
+    T_mask is taken as the same fraction of the schedule's time, t_mask / 1000."""
+    scale = float(model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max)))
+    t = float(t_mask) / 1000.0 if scale <= 1.0 + 1e-6 else float(t_mask)
+    return float(model_sampling.sigma(torch.tensor(t)))
 
 
 class AdaptiveMaskRun:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.instant_mask import MapAccumulator, attention_probabilities, instant_mask
+from ..attention.instant_mask import CHUNK_TOKENS, MapAccumulator, attention_probabilities, instant_mask
 from ..attention.layout import TARGET
 from .contract import AttentionCall
 from .masks import LatentReplaceRun
-from .patching import add_attention_replace
+from .patching import UNET, add_attention_replace, model_family
 
 
 class InstantMaskStrategy:
@@ -17,7 +17,9 @@ class InstantMaskStrategy:
 
     A capture patch reads the conditional target rows' attention probabilities in the selected
     low-resolution layers into the run's fixed-size running sum; the mask is recomputed from it each step
-    with the official rule, the word classes decided at the first step (attention/instant_mask.py).
+    with the official rule, the word classes decided at the first step (attention/instant_mask.py). On SD3 /
+    SD3.5 the maps are the joint attention's image->text probabilities (engine/dit_masks.py); Flux is
+    refused there, by name, when the strategy is prepared.
     """
 
     needs_aux = False
@@ -32,6 +34,15 @@ class InstantMaskStrategy:
                              min_object_left=min_object_left)
 
     def prepare(self, model):
+        family = model_family(model)
+        if family != UNET:  # Flux / SD3: the joint attention's image->text maps (engine/dit_masks.py)
+            from .dit_masks import add_instant_mask_capture_dit
+
+            def owns_run(call):
+                run = call.run.mask_run if call.run is not None else None
+                return run if isinstance(run, InstantMaskRun) and run.strategy is self else None
+
+            return add_instant_mask_capture_dit(model, family, owns_run)
         m = model.clone()
 
         def capture_cross_attention(call: AttentionCall, q, k, v, previous, source):
@@ -52,7 +63,8 @@ class InstantMaskRun(LatentReplaceRun):
     def __init__(self, strategy: InstantMaskStrategy, layout, trajectory):
         super().__init__(layout, trajectory, self.current_mask)
         self.strategy = strategy
-        self.accumulator = MapAccumulator()
+        # the first CLIP chunk's 77 tokens (a word past them would need a longer buffer)
+        self.accumulator = MapAccumulator(max([CHUNK_TOKENS] + [p + 1 for w in strategy.words for p in w]))
         self.peak_stored = 0  # the largest the running sum got (elements): it never grows with steps
         self.classes = None  # the word classes, decided at the first step and kept
 
@@ -63,7 +75,11 @@ class InstantMaskRun(LatentReplaceRun):
         rows = call.cond_rows(TARGET)
         if not rows:
             return
-        self.accumulator.add(attention_probabilities(q[rows], k[rows], call.heads), call.map_hw)
+        self.add_maps(attention_probabilities(q[rows], k[rows], call.heads), call.map_hw)
+
+    def add_maps(self, probs: torch.Tensor, side: tuple[int, int]) -> None:
+        """probs (rows, h*w, tokens): one layer call's maps of the conditional target rows."""
+        self.accumulator.add(probs, side)
         self.peak_stored = max(self.peak_stored, self.accumulator.stored_elements())
 
     def current_mask(self, like: torch.Tensor) -> torch.Tensor | None:

@@ -20,7 +20,9 @@ class SelfAttentionInjection(io.ComfyNode):
                         "queries read the source's foreground only and background its background. No attention "
                         "map is built. Acts only inside AttnEdit_EditSampler; stock samplers are unaffected.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to patch (a patched clone is returned)."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, Flux.1 or SD3/SD3.5 model to patch (a patched "
+                                                "clone is returned). On Flux and SD3 the injection acts on the image "
+                                                "tokens of the joint attention; the text tokens stay the target's."),
                 io.Combo.Input("mode", options=list(MODES), default=MODES[0],
                                tooltip="fpe: replace the target's self-attention map by the source's. "
                                        "masactrl: target queries attend to the source's keys and values."),
@@ -30,13 +32,15 @@ class SelfAttentionInjection(io.ComfyNode):
                 io.Float.Input("fpe_max_map_side", default=0.5, min=0.0, max=1.0, step=0.125,
                                tooltip="fpe only: inject in self-attention layers whose map side is at most this "
                                        "fraction of the latent side (0.5 = maps up to 32x32 at 512 px: 11 of SD1.5's "
-                                       "16 layers; the same meaning on SDXL at 1024 px)."),
+                                       "16 layers; the same meaning on SDXL at 1024 px). Flux and SD3 have one "
+                                       "resolution (the token grid): every block is injected."),
                 io.Int.Input("masactrl_start_step", default=4, min=0, max=1000,
                              tooltip="masactrl only: first step with mutual self-attention (MasaCtrl default 4)."),
                 io.Int.Input("masactrl_start_layer", default=-1, min=-1, max=200,
                              tooltip="masactrl only: first transformer block (execution order) with mutual "
                                      "self-attention. -1 = auto: the first decoder block at half the latent side or "
-                                     "more (= MasaCtrl's layer 10 of 16 on SD1.x/2.x; output block 3 on SDXL)."),
+                                     "more (= MasaCtrl's layer 10 of 16 on SD1.x/2.x; output block 3 on SDXL); "
+                                     "on Flux and SD3 the first block at 10/16 of the depth."),
                 io.Combo.Input("injection_rows", options=list(ROW_CHOICES), default=OFFICIAL_ROWS, optional=True,
                                tooltip="Which classifier-free-guidance predictions of the target are changed. "
                                        "official: as each official code (fpe: the conditional one only; masactrl: "

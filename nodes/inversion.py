@@ -29,7 +29,10 @@ class DDIMInversion(io.ComfyNode):
                         "Put AttnEdit_UniformAttention in front of the model for UAM inversion. The LATENT output "
                         "also works in a stock KSamplerAdvanced (add_noise disabled, same steps and scheduler, cfg 1).",
             inputs=[
-                io.Model.Input("model", tooltip="The model to invert with; its patches apply (e.g. uniform attention). "
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, Flux.1 or SD3/SD3.5 model to invert with (Flux "
+                                                "and SD3: the flow ODE run backwards; invert at cfg 1, Flux-dev with "
+                                                "the FluxGuidance you edit with in the prompt). "
+                                                "Its patches apply (e.g. uniform attention). "
                                                 "Connect the model you edit with (after Self-Attention Injection): "
                                                 "the inversion then keeps what the edit's source branch reads, and "
                                                 "the Edit Sampler replays it instead of running the source."),

@@ -1,0 +1,66 @@
+"""InstDiffEdit's instant mask on Flux and SD3.5: the maps from the joint attention (engine/instant_mask.py
+dispatches here by model family; the mask rule is attention/instant_mask.py's, unchanged).
+
+On a DiT the image tokens' attention to the prompt is inside the joint attention: for the conditional target
+rows, the image queries' probabilities over the text keys, the softmax taken over the full joint key set
+(attention/joint.py image_text_probabilities), averaged over heads, at the token grid (the latent side / the
+patch size: map_side 1/2 on Flux and SD3.5; every joint attention is at that one resolution, so the node's
+map_side does not apply), averaged over the selected blocks and the steps in the run's fixed-size running sum.
+Image-only attentions (SD3.5 medium's second self-attention) have no text and are not read.
+
+Which text token is the paper's start token (its inverted map finds the index word when no word is named):
+- SD3 / SD3.5: the conditioning is [CLIP-L | CLIP-G (77-token chunks, channels concatenated), then T5's
+  tokens] along the tokens (comfy/text_encoders/sd3_clip.py SD3ClipModel.encode_token_weights), so text
+  token 0 is CLIP's start token and the word positions the pack's word finder gives (the first CLIP chunk,
+  engine/tokens.py) index the first 77 text tokens: the paper's rule as on the UNet. This holds where the text
+  encoder has CLIP-L or CLIP-G; a T5-only SD3 text encoder puts T5's tokens first, which the positions do not
+  index.
+- Flux.1: the conditioning is T5's tokens alone (comfy/text_encoders/flux.py FluxClipModel: CLIP-L gives only
+  the pooled vector). T5 has no start token (has_start_token=False: the first word is token 0, then the end
+  token and padding to 256 tokens), so no token has the start token's role, and the pack's word finder gives
+  CLIP-L positions, not T5's. The instant mask is refused on Flux, by name, before any compute.
+"""
+
+from __future__ import annotations
+
+from ..attention.dit_blocks import dit_block_selected, parse_dit_block_spec
+from ..attention.joint import image_text_probabilities
+from ..attention.layout import TARGET
+from .dit import FLUX, add_dit_attention
+
+INSTANT_DIT_BLOCKS = "all"  # every joint attention (Flux: double and single blocks; SD3: the joint blocks)
+START_TOKEN_INDEX = {"sd3": 0}  # the text token in the start token's role, per family (none on Flux)
+
+
+def check_instant_mask_family(family: str) -> None:
+    """A clear refusal where the instant mask does not work yet (before any compute)."""
+    if family == FLUX:
+        raise ValueError("the instant mask (InstDiffEdit) is not supported on Flux yet: Flux's prompt is T5's "
+                         "tokens alone, T5 has no start token for the paper's no-word rule, and the pack's word "
+                         "finder gives CLIP-L token positions, not T5's. Use a user MASK (Edit Sampler "
+                         "edit_mask) or the Adaptive Mask on Flux; the instant mask works on SD3 / SD3.5")
+
+
+def add_instant_mask_capture_dit(model, family: str, owns_run, blocks: str = INSTANT_DIT_BLOCKS):
+    """A clone that feeds the run's accumulator (`owns_run(call)`: the InstantMaskRun of this strategy, or
+    None) with the conditional target rows' image->text maps of every selected joint attention; it reads
+    only, the attention computes as before."""
+    check_instant_mask_family(family)
+    items = parse_dit_block_spec(blocks)
+    m = model.clone()
+
+    def capture_joint_attention(call, q, k, v, previous, source):
+        run = owns_run(call)
+        if run is not None and call.joint and call.txt.stop > call.txt.start:
+            rows = call.cond_rows(TARGET)
+            if rows:
+                probs = image_text_probabilities(q[rows][:, :, call.img], k[rows], call.txt)
+                run.add_maps(probs, call.map_hw)
+        return previous(q, k, v)
+
+    count = add_dit_attention(m, "instant mask capture", capture_joint_attention,
+                              lambda b: dit_block_selected(items, b.kind, b.index, b.order, b.total),
+                              effect=lambda branch: None)  # reads only
+    if count == 0:
+        raise ValueError(f"the block selection '{blocks}' matches no block of this model")
+    return m
