@@ -23,19 +23,23 @@ def parse_block_spec(spec: str) -> list[tuple[str, int | None, int | None]]:
         if name not in BLOCK_NAMES:
             raise ValueError(f"unknown block '{part}' in '{spec}': use 'all' or a comma list of "
                              f"input, middle, output with optional numbers, e.g. 'input:7-8, output:3-5'")
-        if not numbers:
-            ranges.append((name, None, None))
-            continue
-        lo, _, hi = numbers.partition("-")
-        try:
-            first = int(lo)
-            last = int(hi) if hi else first
-        except ValueError:
-            raise ValueError(f"bad block numbers in '{part}': expected e.g. '{name}:3' or '{name}:3-5'") from None
-        if first < 0 or last < first:
-            raise ValueError(f"bad block range in '{part}': numbers must be >= 0 and ascending")
-        ranges.append((name, first, last))
+        ranges.append(numbered_range(part, name, numbers))
     return ranges
+
+
+def numbered_range(part: str, name: str, numbers: str) -> tuple[str, int | None, int | None]:
+    """(name, first, last) of one spec item `name[:numbers]` (no numbers: every block of that name)."""
+    if not numbers:
+        return (name, None, None)
+    lo, _, hi = numbers.partition("-")
+    try:
+        first = int(lo)
+        last = int(hi) if hi else first
+    except ValueError:
+        raise ValueError(f"bad block numbers in '{part}': expected e.g. '{name}:3' or '{name}:3-5'") from None
+    if first < 0 or last < first:
+        raise ValueError(f"bad block range in '{part}': numbers must be >= 0 and ascending")
+    return (name, first, last)
 
 
 def block_selected(ranges, name: str, number: int) -> bool:

@@ -9,6 +9,8 @@ or `depth:a-b`: the blocks whose position in execution order, as a fraction of a
 
 from __future__ import annotations
 
+from .blocks import numbered_range
+
 DIT_BLOCK_NAMES = ("double", "single")
 
 
@@ -36,18 +38,7 @@ def parse_dit_block_spec(spec: str) -> list[tuple]:
             raise ValueError(f"unknown DiT block '{part}' in '{spec}': use 'all' or a comma list of double, single "
                              f"(optionally with numbers, e.g. 'double:0-3') or depth:a-b (fractions, e.g. "
                              f"'depth:0.5-1')")
-        if not numbers:
-            items.append((name, None, None))
-            continue
-        lo, _, hi = numbers.partition("-")
-        try:
-            first = int(lo)
-            last = int(hi) if hi else first
-        except ValueError:
-            raise ValueError(f"bad block numbers in '{part}': expected e.g. '{name}:3' or '{name}:3-5'") from None
-        if first < 0 or last < first:
-            raise ValueError(f"bad block range in '{part}': numbers must be >= 0 and ascending")
-        items.append((name, first, last))
+        items.append(numbered_range(part, name, numbers))
     return items
 
 

@@ -21,7 +21,7 @@ import comfy.patcher_extension
 import torch
 
 from ..attention.blocks import map_size
-from ..attention.layout import SOURCE, BranchLayout
+from ..attention.layout import SOURCE, TARGET, BranchLayout
 from ..attention.schedule import position_in_schedule
 
 RUN_KEY = "attn_edit_run"  # the run context in a model call's transformer_options, and its wrapper's key
@@ -113,6 +113,17 @@ class AttentionCall:
         per = self.rows_per_chunk
         rows = self.rows(branch) if branch is not None else range(self.batch)
         return [r for r in rows if self.chunks[r // per] == 0]
+
+    def target_rows_read(self, cond_only: bool, source: dict[str, torch.Tensor]) -> tuple[list[int], dict]:
+        """The target rows an injection changes (the conditional ones only, or all) and the source inputs
+        for those rows: `source` holds one row per target row, in the order of rows(TARGET)."""
+        every = self.rows(TARGET)
+        chosen = self.cond_rows(TARGET) if cond_only else every
+        if len(chosen) != len(every):
+            keep = set(chosen)
+            pick = [j for j, r in enumerate(every) if r in keep]
+            source = {name: t[pick] for name, t in source.items()}
+        return chosen, source
 
     def in_window(self, start: float, end: float) -> bool:
         """start <= i / N < end for the call's step i; outside sampling the window counts as open."""

@@ -101,14 +101,9 @@ def apply_injection_dit(model, mode: str, fpe_ratio: float, masactrl_start_step:
         return i < fpe_steps(n, fpe_ratio) if mode == FPE else i >= masactrl_start_step
 
     def injected_attention(call, q, k, v, previous, source):
-        every = call.rows(TARGET)
-        tgt = call.cond_rows(TARGET) if chunks == COND_ROWS else every
+        tgt, source = call.target_rows_read(chunks == COND_ROWS, source)
         if not tgt:
             return previous(q, k, v)
-        if len(tgt) != len(every):
-            chosen = set(tgt)
-            pick = [j for j, r in enumerate(every) if r in chosen]
-            source = {name: t[pick] for name, t in source.items()}
         t, img = _index(tgt, q), call.img
         if mode == MASACTRL:
             k2, v2 = k.clone(), v.clone()

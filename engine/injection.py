@@ -156,14 +156,9 @@ def apply_injection(model, mode: str, fpe_ratio: float = 0.8, fpe_max_map_side: 
         return i >= masactrl_start_step
 
     def injected_self_attention(call, q, k, v, previous, source):
-        every = call.rows(TARGET)  # `source` holds one row per target row, in this order
-        tgt = call.cond_rows(TARGET) if chunks == COND_ROWS else every
+        tgt, source = call.target_rows_read(chunks == COND_ROWS, source)
         if not tgt:
             return previous(q, k, v)
-        if len(tgt) != len(every):
-            chosen = set(tgt)
-            pick = [j for j, r in enumerate(every) if r in chosen]
-            source = {name: t[pick] for name, t in source.items()}
         if masks is None:
             q, k, v = substitute_inputs(q, k, v, mode, tgt, source)
             return previous(q, k, v)

@@ -8,23 +8,13 @@ import torch
 from attention_edit.attention.layout import SOURCE
 from attention_edit.engine.branches import Branch, sample_branches
 from attention_edit.engine.inversion import schedule
-from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
-from fixtures import tiny_dit
-
-
-def rel_err(a, b):
-    return float((a - b).pow(2).mean().sqrt() / b.std())
+from attention_edit.nodes.inversion import DDIMInversion
+from fixtures import inversion_calls, tiny_dit
+from fixtures.inversion_calls import reconstruct, rel_err
 
 
 def invert(model, lat, positive, negative=None, cfg=1.0, steps=10, strength=1.0, scheduler="simple"):
-    noisy, handle = DDIMInversion.execute(model=model, latent={"samples": lat}, positive=positive, negative=negative,
-                                          cfg=cfg, steps=steps, scheduler=scheduler, strength=strength).args
-    return noisy["samples"], handle
-
-
-def reconstruct(model, handle, positive, negative, cfg=1.0, pin=False):
-    return InversionReconstruct.execute(model=model, inversion=handle, positive=positive, negative=negative,
-                                        cfg=cfg, pin_source=pin).args[0]["samples"]
+    return inversion_calls.invert(model, lat, positive, negative, cfg, steps, strength, scheduler)
 
 
 @pytest.fixture(scope="module", params=tiny_dit.FAMILIES)

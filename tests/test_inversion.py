@@ -6,25 +6,15 @@ import nodes as comfy_nodes
 import pytest
 import torch
 
-from attention_edit.nodes.inversion import DDIMInversion, InversionReconstruct
-from fixtures import tiny
+from attention_edit.nodes.inversion import DDIMInversion
+from fixtures import inversion_calls, tiny
+from fixtures.inversion_calls import reconstruct, rel_err
 
 STEPS = 10
 
 
-def rel_err(a, b):
-    return float((a - b).pow(2).mean().sqrt() / b.std())
-
-
 def invert(model, lat, positive, negative=None, cfg=1.0, steps=STEPS, strength=1.0, scheduler="ddim_uniform"):
-    noisy, handle = DDIMInversion.execute(model=model, latent={"samples": lat}, positive=positive, negative=negative,
-                                          cfg=cfg, steps=steps, scheduler=scheduler, strength=strength).args
-    return noisy["samples"], handle
-
-
-def reconstruct(model, handle, positive, negative, cfg=1.0, pin=False):
-    return InversionReconstruct.execute(model=model, inversion=handle, positive=positive, negative=negative,
-                                        cfg=cfg, pin_source=pin).args[0]["samples"]
+    return inversion_calls.invert(model, lat, positive, negative, cfg, steps, strength, scheduler)
 
 
 @pytest.fixture(scope="module", params=tiny.FAMILIES)
