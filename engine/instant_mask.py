@@ -27,8 +27,10 @@ class InstantMaskStrategy:
 
     def __init__(self, words: list[list[int]], edit_words: list[int] | None, map_side: float = 0.25,
                  object_similarity: float = 0.9, background_similarity: float = 0.6, blur_passes: int = 2,
-                 threshold: float = 0.2, invert_start: bool = True, min_object_left: float = 0.0):
+                 threshold: float = 0.2, invert_start: bool = True, min_object_left: float = 0.0,
+                 word_names: list[str] | None = None):
         self.words, self.edit_words, self.map_side = words, edit_words, map_side
+        self.word_names = word_names  # the word each group of `words` stands for (the Edit Sampler's report)
         self.settings = dict(object_similarity=object_similarity, background_similarity=background_similarity,
                              blur_passes=blur_passes, threshold=threshold, invert_start=invert_start,
                              min_object_left=min_object_left)

@@ -114,7 +114,6 @@ class InstantMask(io.ComfyNode):
                 threshold, start_map="inverted", clip=None, prompts=None) -> io.NodeOutput:
         clip, target_prompt = prompt_from(prompts, clip, target_prompt, "target_prompt", "Instant Attention Mask")
         groups, edit_words, names = named_word_groups(clip, target_prompt, words)
-        strategy = InstantMaskStrategy(groups, edit_words, map_side, object_similarity, background_similarity,
-                                       blur_passes, threshold, invert_start=start_map == "inverted")
-        strategy.word_names = names  # for the Edit Sampler's report (which words the mask took as object)
-        return io.NodeOutput(strategy)
+        return io.NodeOutput(InstantMaskStrategy(groups, edit_words, map_side, object_similarity,
+                                                 background_similarity, blur_passes, threshold,
+                                                 invert_start=start_map == "inverted", word_names=names))
