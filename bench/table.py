@@ -60,7 +60,7 @@ def _source(records: list[dict]) -> str:
 
 
 def quality_tables(records: list[dict]) -> list[str]:
-    records = [r for r in records if not r["metric"].startswith(PROBE)]
+    records = [r for r in records if r["metric"].startswith("toyworld.") and not r["metric"].startswith(PROBE)]
     by = {r["metric"]: r for r in records}
     if not any(m.startswith("toyworld.") for m in by):
         return []
