@@ -166,16 +166,22 @@ def probe_tables(records: list[dict]) -> list[str]:
 
 
 def perf_table(records: list[dict]) -> list[str]:
+    """The speed records, one table per run that measured them (a run of some suites keeps the others')."""
     chosen = [r for r in records if not r["metric"].startswith("toyworld.")]
-    if not chosen:
-        return []
-    lines = [f"**Speed** (ratios of wall times measured interleaved in one process; {_source(chosen)}):", "",
-             "| Metric | value | goal | model, size, steps |", "|---|---|---|---|"]
+    runs: dict[str, list[dict]] = {}
     for r in chosen:
-        goal = r.get("goal")
-        goal_text = "" if goal is None else f"≤ {goal:g} ({'met' if r['value'] <= goal else 'not met'})"
-        lines.append(f"| `{r['metric']}` | {_fmt(r['value'], r['unit'])} | {goal_text} | "
-                     f"{r['model']}, {r['resolution']}, {r['steps']} |")
+        runs.setdefault(_source([r]), []).append(r)
+    lines = []
+    for source, group in runs.items():
+        if lines:
+            lines.append("")
+        lines += [f"**Speed** (ratios of wall times measured interleaved in one process; {source}):", "",
+                  "| Metric | value | goal | model, size, steps |", "|---|---|---|---|"]
+        for r in group:
+            goal = r.get("goal")
+            goal_text = "" if goal is None else f"≤ {goal:g} ({'met' if r['value'] <= goal else 'not met'})"
+            lines.append(f"| `{r['metric']}` | {_fmt(r['value'], r['unit'])} | {goal_text} | "
+                         f"{r['model']}, {r['resolution']}, {r['steps']} |")
     return lines
 
 
