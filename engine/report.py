@@ -49,7 +49,7 @@ class EditReport:
     not_needed: tuple[str, ...] = ()
     recomputed: dict = field(default_factory=dict)
     pinned: tuple[str, ...] = ()
-    injections: list[Injection] = field(default_factory=list)
+    injections: list[Injection] | None = field(default_factory=list)  # None: not read on this family (DiTs)
     uniform: tuple[str, ...] = ()  # branches with the pack's uniform cross-attention
     mask_kind: str | None = None
     mask_coverage: float | None = None  # share of the image the final mask lets change (None: no mask)
@@ -71,10 +71,12 @@ class EditReport:
             lines.append(f"  {branch} recomputed, not replayed: {reason}")
         if self.pinned:
             lines.append(f"pinned to the inversion: {', '.join(self.pinned)}")
-        for inj in self.injections:
+        for inj in self.injections or []:
             lines.append(f"injection: {inj.method} at {inj.layers_active} of {inj.of_layers} layers, "
                          f"{_steps_text(inj.active_steps, inj.run_steps)}")
-        if not self.injections:
+        if self.injections is None:
+            lines.append("injection: not reported on this model family (Flux, SD3)")
+        elif not self.injections:
             lines.append("injection: none")
         if self.uniform:
             lines.append(f"uniform cross-attention: {', '.join(self.uniform)}")
@@ -109,14 +111,15 @@ def _probe(key: tuple[str, int, int], step: int, steps: int, side: float | None)
                          block=key, map_hw=None, map_side=side)
 
 
-def find_injections(model, steps: int, run_steps: int) -> list[Injection]:
-    """The pack's self-attention injections on `model` and where in this run they read the source."""
+def find_injections(model, steps: int, run_steps: int) -> list[Injection] | None:
+    """The pack's self-attention injections on `model` and where in this run they read the source; None on
+    a DiT, whose injections live in the attention override, not in the attn1 table read here."""
     table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     try:
         keys = transformer_blocks(model)
         sides = block_map_sides(model)
-    except (ValueError, AttributeError):  # not a UNet: the patch tables say nothing about steps here
-        return []
+    except (ValueError, AttributeError):  # not a UNet: the attn1 table says nothing about its injections
+        return None
     run = list(range(steps - run_steps, steps))
     found: dict[str, dict] = {}
     for key in keys:
@@ -148,7 +151,7 @@ def latent_change(target: torch.Tensor, source: torch.Tensor) -> tuple[float, fl
 def add_hints(report: EditReport) -> None:
     """The likely reasons an edit changes little or nothing, from the facts gathered."""
     hints = report.hints
-    for inj in report.injections:
+    for inj in report.injections or []:
         every = inj.active_steps == inj.run_steps and inj.run_steps
         if inj.method == "fpe" and every:
             hints.append("FPE injects at every step (fpe_ratio 1.0 or a window covering the whole run): the target "

@@ -82,3 +82,11 @@ def test_latent_change_measures_distance_and_area():
     moved, area = latent_change(target, source)
     assert abs(area - 0.25) < 1e-9
     assert abs(moved - (target - source).norm().item() / source.norm().item()) < 1e-9
+
+
+def test_injections_not_read_on_a_family_are_not_reported_as_none():
+    """On a DiT the report cannot read the injections (they live in the attention override): it says so
+    instead of claiming there is none."""
+    text = report(injections=None).text()
+    assert "injection: not reported on this model family" in text and "injection: none" not in text
+    assert "injection: none" in report(injections=[]).text()
