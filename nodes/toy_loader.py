@@ -56,16 +56,23 @@ class ToyModelLoader(io.ComfyNode):
                         "the pack's models/ folder. It is built from ComfyUI's SD1.x classes (UNet with "
                         "cross-attention, CLIP text encoder over the real CLIP tokenizer, KL VAE), so every node "
                         "of the pack and every stock node runs on it exactly as on SD1.x, only fast: 128x128 "
-                        "images, 16x16 latents. Used by the demo and the quality benchmarks.",
+                        "images, 16x16 latents. Used by the demo and the quality benchmarks. The same node loads "
+                        "the toy flow world (toyflow.safetensors: a Flux-schnell-shaped DiT over the same text "
+                        "encoder and VAE, rectified flow) and an SD3.5-shaped random toy, so the pack's DiT paths "
+                        "run the same way.",
             inputs=[
                 io.Combo.Input("model_name", options=options, default=default,
                                tooltip=f"A toy-world model file in the pack's models/ folder. {TRAINED_FILE_NAME} "
                                        f"is the trained model; {RANDOM_FILE_NAME} (written by `make demo`) has "
-                                       "seeded random weights: it runs every node but draws noise."),
+                                       "seeded random weights: it runs every node but draws noise. "
+                                       "toyflow.safetensors is the trained toy flow world (a Flux-shaped DiT); "
+                                       "*-random files are seeded random stand-ins."),
             ],
             outputs=[
-                io.Model.Output("MODEL", tooltip="The toy UNet (SD1.x-style, eps prediction), for samplers and the "
-                                                 "pack's attention nodes. Use 128x128 images (16x16 latents)."),
+                io.Model.Output("MODEL", tooltip="The toy diffusion model: the UNet (SD1.x-style, eps prediction) "
+                                                 "or, for a toy flow file, the Flux- or SD3.5-shaped DiT (rectified "
+                                                 "flow), for samplers and the pack's attention nodes. Use 128x128 "
+                                                 "images (16x16 latents)."),
                 io.Clip.Output("CLIP", tooltip="The toy text encoder, for CLIPTextEncode; uses the real CLIP "
                                                "tokenizer, so prompts are tokenized as on SD."),
                 io.Vae.Output("VAE", tooltip="The toy VAE (8x downsampling, 4 latent channels), for VAEEncode and "

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import comfy.latent_formats
+import comfy.ldm.flux.model
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -49,11 +50,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 TRAINED_FILE_NAME = "toyworld.safetensors"  # the trained model, committed in the pack's models/ folder
+TRAINED_FLOW_FILE_NAME = "toyflow.safetensors"  # the trained toy flow world (a Flux-shaped DiT), also in models/
 RANDOM_FILE_NAME = "toyworld-random.safetensors"  # the seeded random stand-in `make demo` writes (git-ignored)
 METADATA_KEY = "attention_edit_toy"
 INFO_METADATA_KEY = "attention_edit_toy_info"
 FORMAT_VERSION = 1
-PREFIXES = {"unet": "unet.", "clip": "clip.", "vae": "vae."}
+PREFIXES = {"unet": "unet.", "dit": "dit.", "clip": "clip.", "vae": "vae."}
+UNET, FLUX, SD3 = "unet", "flux", "sd3"  # ToyConfig.family: the diffusion model (weights "unet." / "dit." / "dit.")
 OUTPUT_GAIN = 0.03  # random models: a calm UNet output layer (as in fixtures/tiny.py)
 DTYPE = torch.float32  # the toy model always computes in float32 (it is tiny)
 CLIP_NAME = "l"  # the SD1ClipModel slot: state-dict keys "clip_l....", tokens under "l"
@@ -79,6 +82,47 @@ DEFAULT_UNET: dict[str, Any] = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
+
+# The toy flow world's diffusion model: a Flux.1-schnell-shaped MM-DiT (double blocks with joint attention over
+# [txt, img], then single blocks; RoPE; velocity prediction on the rectified-flow path, no distilled guidance), as
+# `comfy.ldm.flux.model.Flux` FluxParams. Patch size 2 on the 4-channel 16x16 latents, as on the real Flux: 64 image
+# tokens, so its attention maps are 8x8 (patch size 1 gives 16x16 maps but trains 3x slower per step, measured
+# here: 3.0 against 1.0 s per batch of 32 on 2 cores). Heads of 32 channels, RoPE axes 8 + 12 + 12.
+DEFAULT_FLUX: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "vec_in_dim": 64,  # the toy CLIP's pooled output (hidden 64, unprojected)
+    "context_in_dim": 64,
+    "hidden_size": 128,
+    "mlp_ratio": 4.0,
+    "num_heads": 4,
+    "depth": 3,
+    "depth_single_blocks": 3,
+    "axes_dim": [8, 12, 12],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": False,
+}
+
+# An SD3.5-medium-shaped MMDiT (`comfy.ldm.modules.diffusionmodules.mmdit.MMDiT`: joint blocks, RMS q/k norm, an
+# image-only second self-attention in the first block like MMDiT-X) over the toy text encoder: depth d gives hidden
+# 64 d and d heads of 64. Seeded random weights only (the SD3.5 workflow's smoke runs and the host tests use it).
+DEFAULT_SD3: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "patch_size": 2,
+    "depth": 2,
+    "input_size": None,
+    "adm_in_channels": 64,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+    "num_patches": 32 * 32,
+    "pos_embed_max_size": 32,
+    "qk_norm": "rms",
+    "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [0],
+}
+SD3_RANDOM_FILE_NAME = "toysd3-random.safetensors"  # the seeded random SD3.5-shaped toy model (git-ignored)
 
 DEFAULT_CLIP: dict[str, Any] = {
     "architectures": ["CLIPTextModel"],
@@ -119,7 +163,11 @@ DEFAULT_VAE: dict[str, Any] = {
 class ToyConfig:
     """Everything needed to rebuild the toy model; JSON-serialisable (`to_dict` / `from_dict`).
 
-    unet: keyword arguments of ComfyUI's openaimodel `UNetModel` (without dtype/device/operations).
+    family: "unet" (the SD1.x-shaped toy world) or "flux" (the toy flow world: a Flux-schnell-shaped MM-DiT over
+        the same text encoder and VAE).
+    unet: keyword arguments of ComfyUI's openaimodel `UNetModel` (without dtype/device/operations); family "unet".
+    flux: `comfy.ldm.flux.model.FluxParams` fields; family "flux".
+    sd3: `MMDiT` keyword arguments; family "sd3" (an SD3.5-medium-shaped DiT, rectified flow, shift 3).
     clip: a HF-style CLIPTextModel config, `SDClipModel`'s ``textmodel_json_config``.
     vae: the AutoencoderKL ``ddconfig``; its ``embed_dim`` is ``z_channels``.
     latent_scale_factor: the SD15 latent format's scale (SD uses 0.18215); a trainer sets it to
@@ -133,6 +181,9 @@ class ToyConfig:
     latent_scale_factor: float = 0.18215
     image_size: int = 128
     format_version: int = FORMAT_VERSION
+    family: str = UNET
+    flux: dict[str, Any] = dataclasses.field(default_factory=lambda: copy.deepcopy(DEFAULT_FLUX))
+    sd3: dict[str, Any] = dataclasses.field(default_factory=lambda: copy.deepcopy(DEFAULT_SD3))
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dataclasses.asdict(self))
@@ -157,12 +208,31 @@ class ToyConfig:
     def validate(self) -> None:
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"toy-model format version {self.format_version} is not supported (expected {FORMAT_VERSION})")
-        if self.unet.get("context_dim") != self.clip.get("hidden_size"):
-            raise ValueError(f"unet context_dim {self.unet.get('context_dim')} must equal the clip hidden_size "
-                             f"{self.clip.get('hidden_size')}")
-        z = self.vae.get("z_channels")
-        if not (self.unet.get("in_channels") == self.unet.get("out_channels") == z == 4):
-            raise ValueError("the toy model is SD1.x-shaped: the UNet's in/out channels and the VAE's z_channels must be 4")
+        if self.family not in (UNET, FLUX, SD3):
+            raise ValueError(f"toy-model family {self.family!r} is not one of {UNET!r}, {FLUX!r}, {SD3!r}")
+        hidden, z = self.clip.get("hidden_size"), self.vae.get("z_channels")
+        if self.family == UNET:
+            if self.unet.get("context_dim") != hidden:
+                raise ValueError(f"unet context_dim {self.unet.get('context_dim')} must equal the clip hidden_size {hidden}")
+            if not (self.unet.get("in_channels") == self.unet.get("out_channels") == z == 4):
+                raise ValueError("the toy model is SD1.x-shaped: the UNet's in/out channels and the VAE's z_channels must be 4")
+        elif self.family == SD3:
+            embedder = self.sd3.get("context_embedder_config", {}).get("params", {})
+            if not (embedder.get("in_features") == self.sd3.get("adm_in_channels") == hidden):
+                raise ValueError(f"sd3 context_embedder in_features and adm_in_channels must equal the clip hidden_size "
+                                 f"{hidden}")
+            if embedder.get("out_features") != 64 * self.sd3.get("depth", 0):
+                raise ValueError("sd3 context_embedder out_features must be the DiT's hidden size, 64 * depth")
+            if not (self.sd3.get("in_channels") == self.sd3.get("out_channels") == z == 4):
+                raise ValueError("the toy SD3 model's in/out channels and the VAE's z_channels must be 4")
+        else:
+            if not (self.flux.get("context_in_dim") == self.flux.get("vec_in_dim") == hidden):
+                raise ValueError(f"flux context_in_dim and vec_in_dim must equal the clip hidden_size {hidden}")
+            if not (self.flux.get("in_channels") == self.flux.get("out_channels") == z == 4):
+                raise ValueError("the toy flow model's in/out channels and the VAE's z_channels must be 4")
+            head = self.flux.get("hidden_size", 0) // max(1, self.flux.get("num_heads", 1))
+            if sum(self.flux.get("axes_dim", [])) != head:
+                raise ValueError(f"flux axes_dim must sum to the head size {head}")
         if len(self.vae.get("ch_mult", [])) != 4:
             raise ValueError("the VAE must downsample 8x: ch_mult needs 4 levels (3 downsamples)")
         if self.clip.get("max_position_embeddings") != 77 or self.clip.get("vocab_size") != 49408:
@@ -212,6 +282,41 @@ def _build_unet(config: ToyConfig) -> comfy.model_base.BaseModel:
                                        device=torch.device("cpu"))
     model.eval()
     return model
+
+
+def _build_flux(config: ToyConfig) -> comfy.model_base.Flux:
+    params = copy.deepcopy(config.flux)
+    params["image_model"] = "flux"
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:  # 0.33.0 asks for it (no default); Flux.1 has none
+        params.setdefault("txt_ids_dims", [])
+    model_config = comfy.supported_models.FluxSchnell(params)  # rectified flow, shift 1, no guidance embedding
+    model_config.latent_format = comfy.latent_formats.SD15(scale_factor=config.latent_scale_factor)
+    model_config.set_inference_dtype(DTYPE, None)
+    model = comfy.model_base.Flux(model_config, model_type=comfy.model_base.ModelType.FLOW, device=torch.device("cpu"))
+    model.eval()
+    return model
+
+
+def _build_sd3(config: ToyConfig) -> comfy.model_base.SD3:
+    model_config = comfy.supported_models.SD3(copy.deepcopy(config.sd3))  # rectified flow, shift 3
+    model_config.latent_format = comfy.latent_formats.SD15(scale_factor=config.latent_scale_factor)
+    model_config.set_inference_dtype(DTYPE, None)
+    model = comfy.model_base.SD3(model_config, device=torch.device("cpu"))
+    model.eval()
+    return model
+
+
+BUILDERS = {UNET: _build_unet, FLUX: _build_flux, SD3: _build_sd3}
+
+
+def diffusion_part(config: ToyConfig) -> str:
+    """The state-dict part (and file prefix) of the config's diffusion model: "unet" or "dit"."""
+    return "unet" if config.family == UNET else "dit"
+
+
+def _last_layer(config: ToyConfig, dm: torch.nn.Module) -> torch.nn.Module:
+    return dm.out[-1] if config.family == UNET else dm.final_layer.linear
 
 
 def _clip_target(config: ToyConfig) -> comfy.supported_models_base.ClipTarget:
@@ -273,7 +378,22 @@ def _check_keys(expected, given, part: str) -> None:
                          f"{' ...' if len(unexpected) > 5 else ''}")
 
 
+def _host_names(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights under the names this host's modules give them: Flux's RMS q/k-norm gain is `...norm.scale` in
+    ComfyUI 0.3.75 and `...norm.weight` in 0.33.0, so a file written on one host loads on the other."""
+    out = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            for a, b in ((".scale", ".weight"), (".weight", ".scale")):
+                if key.endswith("norm" + a) and key[:-len(a)] + b in own:
+                    key = key[:-len(a)] + b
+                    break
+        out[key] = value
+    return out
+
+
 def _load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], part: str) -> None:
+    state_dict = _host_names(module.state_dict(), state_dict)
     _check_keys(module.state_dict().keys(), state_dict.keys(), part)
     own = module.state_dict()
     for k, v in state_dict.items():
@@ -308,14 +428,22 @@ def build_toy(config: ToyConfig | Mapping[str, Any] | None = None, state_dict: M
     generator = torch.Generator().manual_seed(int(seed))
     parts = split_state_dict(state_dict) if state_dict is not None else None
 
-    model = _build_unet(config)
+    part = diffusion_part(config)
+    model = BUILDERS[config.family](config)
     if parts is None:
         init_weights(model.diffusion_model, generator)
+        last = _last_layer(config, model.diffusion_model)
         with torch.no_grad():
-            model.diffusion_model.out[-1].weight.mul_(OUTPUT_GAIN)
-            model.diffusion_model.out[-1].bias.mul_(OUTPUT_GAIN)
+            last.weight.mul_(OUTPUT_GAIN)
+            last.bias.mul_(OUTPUT_GAIN)
+            if config.family == SD3:  # a buffer a checkpoint provides (left uninitialised): seeded positions
+                pos = model.diffusion_model.pos_embed
+                pos.copy_(torch.randn(pos.shape, generator=generator) * 0.5)
     else:
-        _load_strict(model.diffusion_model, parts["unet"], "unet")
+        extra = sorted(name for name, values in parts.items() if values and name not in (part, "clip", "vae"))
+        if extra:
+            raise ValueError(f"toy-model file of family {config.family!r} holds {extra} weights")
+        _load_strict(model.diffusion_model, parts[part], part)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                                offload_device=comfy.model_management.unet_offload_device())
 
@@ -327,8 +455,9 @@ def build_toy(config: ToyConfig | Mapping[str, Any] | None = None, state_dict: M
 def toy_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
     """The prefixed state dict of the three objects `build_toy` returns (tensors on the CPU)."""
     out: dict[str, torch.Tensor] = {}
-    diffusion_model = model.model.diffusion_model if hasattr(model, "model") else model.diffusion_model
-    for prefix, module in ((PREFIXES["unet"], diffusion_model), (PREFIXES["clip"], clip.cond_stage_model),
+    base = model.model if hasattr(model, "model") else model
+    part = "dit" if isinstance(base, (comfy.model_base.Flux, comfy.model_base.SD3)) else "unet"
+    for prefix, module in ((PREFIXES[part], base.diffusion_model), (PREFIXES["clip"], clip.cond_stage_model),
                            (PREFIXES["vae"], vae.first_stage_model)):
         for k, v in module.state_dict().items():
             out[prefix + k] = v.detach().to("cpu")
@@ -413,6 +542,30 @@ def demo_model_file(models_dir: str | os.PathLike, seed: int = 0) -> str:
     if not is_toy_file(random_path):
         make_random_toy_file(random_path, seed=seed)
     return RANDOM_FILE_NAME
+
+
+FLOW_RANDOM_FILE_NAME = "toyflow-random.safetensors"  # the random stand-in of the toy flow world (git-ignored)
+
+
+def family_config(family: str) -> ToyConfig:
+    """The default config of a family, over the default text encoder and VAE."""
+    return ToyConfig.from_dict({**default_config().to_dict(), "family": family})
+
+
+def demo_dit_file(models_dir: str | os.PathLike, family: str, seed: int = 0) -> str:
+    """The DiT toy-model file for `family` the demos and host tests load (a file name inside models_dir): on Flux
+    the trained toy flow world if present, else a seeded random stand-in; on SD3 always the random one (written
+    if it does not exist yet)."""
+    models_dir = os.fspath(models_dir)
+    if family == FLUX and os.path.isfile(os.path.join(models_dir, TRAINED_FLOW_FILE_NAME)):
+        return TRAINED_FLOW_FILE_NAME
+    names = {FLUX: FLOW_RANDOM_FILE_NAME, SD3: SD3_RANDOM_FILE_NAME}
+    if family not in names:
+        raise ValueError(f"no DiT toy model of family {family!r}; expected one of {sorted(names)}")
+    path = os.path.join(models_dir, names[family])
+    if not is_toy_file(path):
+        make_random_toy_file(path, seed=seed, config=family_config(family))
+    return names[family]
 
 
 def parameter_counts(model, clip, vae) -> dict[str, int]:

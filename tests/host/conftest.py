@@ -40,12 +40,12 @@ def write_model_files(base: pathlib.Path) -> dict:
     A placeholder checkpoint (a valid safetensors file that no loader can turn into a model), the same
     placeholder under each checkpoint name the example workflows select (a user who loads one has that
     checkpoint; the frontend marks a loader whose file the host does not list as an error), and the
-    toy-world model for graphs that really run.
+    toy-world models for graphs that really run (the UNet toy world, the toy flow world and the SD3.5-shaped toy).
     """
     import torch
     from safetensors.torch import save_file
 
-    from attention_edit.toyworld.model import demo_model_file
+    from attention_edit.toyworld.model import FLUX, SD3, demo_dit_file, demo_model_file
 
     checkpoints = base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,11 @@ def write_model_files(base: pathlib.Path) -> dict:
         save_file({"placeholder": torch.zeros(1)}, str(checkpoints / name))
     # The toy-world model in the pack's own models/ folder (trained if present, else seeded random).
     toy = pathlib.Path(demo_model_file(str(comfy_host.REPO / "models"))).name
-    return {"placeholder_checkpoint": PLACEHOLDER_CHECKPOINT, "toy_model": toy, "workflow_checkpoints": referenced}
+    # The DiT toy models there: the toy flow world (Flux-shaped; trained if present) and an SD3.5-shaped one (random).
+    flux = demo_dit_file(comfy_host.REPO / "models", FLUX)
+    sd3 = demo_dit_file(comfy_host.REPO / "models", SD3)
+    return {"placeholder_checkpoint": PLACEHOLDER_CHECKPOINT, "toy_model": toy, "toy_flux_model": flux,
+            "toy_sd3_model": sd3, "workflow_checkpoints": referenced}
 
 
 @pytest.fixture(scope="session")

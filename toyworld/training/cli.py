@@ -20,6 +20,7 @@ import torch
 from attention_edit.toyworld import model as toymodel
 
 from .files import DEFAULT_OUT, DEFAULT_STATE, environment, save_model
+from .flow import DEFAULT_FLOW_INIT, DEFAULT_FLOW_OUT, run_flow_stage
 from .optim import Budget
 from .settings import TrainSettings, training_config
 from .unet import run_unet_stage
@@ -35,7 +36,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="model file (default models/toyworld.safetensors)")
     p.add_argument("--minutes", type=float, default=90.0, help="wall-clock budget of this invocation (see above)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--stage", default="all", choices=("all", "vae", "unet"))
+    p.add_argument("--stage", default="all", choices=("all", "vae", "unet", "flow"),
+                   help="flow: the toy flow world's DiT over --init's text encoder and VAE (default --out "
+                        "models/toyflow.safetensors, --init models/toyworld.safetensors)")
     p.add_argument("--vae-fraction", type=float, default=0.12, help="share of --minutes for the VAE with --stage all")
     p.add_argument("--vae-steps", type=int, default=None, help="cap on VAE steps")
     p.add_argument("--unet-steps", type=int, default=None, help="cap on UNet steps")
@@ -125,6 +128,13 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
     log.info("toy-world training: stage %s, %.1f min budget, %s, %d threads", args.stage, args.minutes, device,
              torch.get_num_threads())
 
+    if args.stage == "flow":
+        out = args.out if args.out != DEFAULT_OUT else DEFAULT_FLOW_OUT
+        init = args.init or DEFAULT_FLOW_INIT
+        run_flow_stage(init, out, settings, Budget(total, args.unet_steps), device, info,
+                       checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every)
+        log.info("done in %.1f min -> %s", (time.perf_counter() - started) / 60, out)
+        return 0
     if args.stage in ("all", "vae"):
         config, model, clip, vae = _train_vae_first(args, settings, total, device, info)
     else:
