@@ -176,7 +176,8 @@ def finish(model, layout: BranchLayout, rows: dict, sigmas: torch.Tensor, final:
                      mask=mask_run.final_mask() if mask_run is not None else None,
                      info={"replayed": plan.branches, "unused": plan.unused, "recomputed": plan.reasons,
                            # for the Edit Sampler's report: the word classes an instant mask decided
-                           "mask_classes": getattr(mask_run, "classes", None)})
+                           "mask_classes": getattr(mask_run, "classes", None),
+                           "mask_word_names": getattr(mask_run, "word_names", None)})
 
 
 __all__ = ["Branch", "BranchRun", "BranchStepper", "sample_branches", "SOURCE", "TARGET"]

@@ -16,9 +16,12 @@ Which text token is the paper's start token (its inverted map finds the index wo
   encoder has CLIP-L or CLIP-G; a T5-only SD3 text encoder puts T5's tokens first, which the positions do not
   index.
 - Flux.1: the conditioning is T5's tokens alone (comfy/text_encoders/flux.py FluxClipModel: CLIP-L gives only
-  the pooled vector). T5 has no start token (has_start_token=False: the first word is token 0, then the end
-  token and padding to 256 tokens), so no token has the start token's role, and the pack's word finder gives
-  CLIP-L positions, not T5's. The instant mask is refused on Flux, by name, before any compute.
+  the pooled vector), so the words' positions are those of the CLIP's 't5xxl' tokenization (engine/tokens.py,
+  key T5: the first word is text token 0, then the end token and padding to at least 256 tokens). With words
+  named the mask is the paper's rule on those words' maps (the named words are the index word, the start
+  token's map is not read). T5 has no start token, so no text token has its role: with no word named (the
+  paper's default, which finds the index word through the start token's map) the instant mask is refused on
+  Flux, by name, before any compute.
 """
 
 from __future__ import annotations
@@ -29,23 +32,31 @@ from ..attention.layout import TARGET
 from .dit import FLUX, add_dit_attention
 
 INSTANT_DIT_BLOCKS = "all"  # every joint attention (Flux: double and single blocks; SD3: the joint blocks)
-START_TOKEN_INDEX = {"sd3": 0}  # the text token in the start token's role, per family (none on Flux)
 
 
-def check_instant_mask_family(family: str) -> None:
-    """A clear refusal where the instant mask does not work yet (before any compute)."""
-    if family == FLUX:
-        raise ValueError("the instant mask (InstDiffEdit) is not supported on Flux yet: Flux's prompt is T5's "
-                         "tokens alone, T5 has no start token for the paper's no-word rule, and the pack's word "
-                         "finder gives CLIP-L token positions, not T5's. Use a user MASK (Edit Sampler "
-                         "edit_mask) or the Adaptive Mask on Flux; the instant mask works on SD3 / SD3.5")
+def check_instant_mask_family(family: str, named: bool, t5_words=None) -> None:
+    """A clear refusal where the instant mask cannot work (before any compute). On Flux: `named` whether the
+    user named the word(s) to edit; `t5_words` the words' positions among T5's tokens (engine/instant_mask.py
+    WordGroups), or the reason they could not be found (a str), or None when the CLIP has no T5 tokenizer: a
+    CLIP-prompted Flux (the toy flow world), whose context is the CLIP tokens, start token first, so the
+    paper's rule holds as on SD3."""
+    if family != FLUX or t5_words is None:
+        return
+    if not named:
+        raise ValueError("the instant mask (InstDiffEdit) on Flux needs the word(s) to edit named in its 'words' "
+                         "input: with none named the paper's rule finds the index word through the start token's "
+                         "map, and Flux's prompt is T5's tokens alone, which have no start token. Name the "
+                         "word(s) to edit (e.g. 'cat'), or use a user MASK (Edit Sampler edit_mask) or the "
+                         "Adaptive Mask")
+    if isinstance(t5_words, str):
+        raise ValueError(f"the instant mask on Flux reads the words among T5's tokens: {t5_words}")
 
 
 def add_instant_mask_capture_dit(model, family: str, owns_run, blocks: str = INSTANT_DIT_BLOCKS):
     """A clone that feeds the run's accumulator (`owns_run(call)`: the InstantMaskRun of this strategy, or
     None) with the conditional target rows' image->text maps of every selected joint attention; it reads
-    only, the attention computes as before."""
-    check_instant_mask_family(family)
+    only, the attention computes as before. The family's refusals (check_instant_mask_family) come first,
+    from the strategy."""
     items = parse_dit_block_spec(blocks)
     m = model.clone()
 

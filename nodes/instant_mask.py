@@ -3,8 +3,8 @@ variant; the paper's own SDEdit-style estimation is AttnEdit_InstantMaskEstimate
 
 from comfy_api.latest import io
 
-from ..engine.instant_mask import InstantMaskStrategy
-from ..engine.tokens import parse_words, prompt_word_table, word_positions
+from ..engine.instant_mask import InstantMaskStrategy, WordGroups
+from ..engine.tokens import T5, parse_words, prompt_word_table, tokenized, word_positions
 from .common import CATEGORY, MaskStrategy, Prompts, check_widgets, prompt_from
 
 START_MAPS = ["inverted", "direct"]  # how the start token's map finds the index word (inverted: the paper)
@@ -17,24 +17,40 @@ def prompt_word_groups(clip, target_prompt: str, words: str) -> tuple[list[list[
     return groups, named
 
 
-def named_word_groups(clip, target_prompt: str, words: str) -> tuple[list[list[int]], list[int] | None, list[str]]:
-    """prompt_word_groups, and the word (or phrase) each group stands for."""
+def named_word_groups(clip, target_prompt: str, words: str, key: str | None = None
+                      ) -> tuple[list[list[int]], list[int] | None, list[str]]:
+    """prompt_word_groups, and the word (or phrase) each group stands for, in tokenizer `key`'s tokens (the
+    default: the first CLIP-style tokenizer's)."""
     if not target_prompt.strip():
         raise ValueError("target_prompt is empty: paste the target prompt's text, or connect 'prompts' from "
                          "AttnEdit_EditPrompts")
-    table = prompt_word_table(clip, target_prompt)
+    table = prompt_word_table(clip, target_prompt, key)
     groups, names = [p for _, p in table], [w for w, _ in table]
     named = parse_words(words)
     if not named:
         if not groups:
             raise ValueError(f"no word of \"{target_prompt}\" was found among its first 77 tokens")
         return groups, None, names
-    positions = word_positions(clip, target_prompt, named)
+    positions = word_positions(clip, target_prompt, named, key)
     for word, p in zip(named, positions):
         if p not in groups:
             groups.append(p)  # a phrase: its tokens merged into one more map
             names.append(word)
     return groups, [groups.index(p) for p in positions], names
+
+
+def t5_word_groups(clip, target_prompt: str, words: str) -> WordGroups | str | None:
+    """The words among T5's tokens (what Flux.1's context holds), for the instant mask on Flux: None where the
+    CLIP has no start-less 't5xxl' tokenizer (a CLIP-prompted Flux, such as the toy flow world: its context is
+    the CLIP tokens, start token first), the reason as a str where a word is not found there (raised only if
+    the model is Flux)."""
+    tp = tokenized(clip, "", None).get(T5)
+    if tp is None or tp.start is not None:
+        return None
+    try:
+        return WordGroups(*named_word_groups(clip, target_prompt, words, T5))
+    except ValueError as error:
+        return str(error)
 
 
 def word_inputs() -> list:
@@ -116,4 +132,5 @@ class InstantMask(io.ComfyNode):
         groups, edit_words, names = named_word_groups(clip, target_prompt, words)
         return io.NodeOutput(InstantMaskStrategy(groups, edit_words, map_side, object_similarity,
                                                  background_similarity, blur_passes, threshold,
-                                                 invert_start=start_map == "inverted", word_names=names))
+                                                 invert_start=start_map == "inverted", word_names=names,
+                                                 t5_words=t5_word_groups(clip, target_prompt, words)))

@@ -1,6 +1,7 @@
 """Mask strategies on flow-matching DiTs (tiny Flux-dev, SD3.5) through the Edit Sampler and the branch
-sampler: the user MASK and UAM's adaptive mask (model-agnostic: x0 differences at the latent). The instant
-mask on the joint attention: tests/reference/test_dit_instant_mask_reference.py."""
+sampler: the user MASK and UAM's adaptive mask (model-agnostic: x0 differences at the latent); the instant
+mask's words on T5's tokens (Flux) and its refusals. The instant mask on the joint attention:
+tests/reference/test_dit_instant_mask_reference.py."""
 
 import pytest
 import torch
@@ -154,3 +155,122 @@ def test_the_pinned_uniform_recipe_keeps_the_source_exact(world, uam):
     assert (source - lat).abs().max() <= 1e-4
     assert 0 < float(mask.mean()) < 1
     assert float((edited - plain).abs().max()) > 1e-2
+
+
+def host_clip(tokenizer_class):
+    """A CLIP (the host's class) with a host tokenizer and no text-encoder weights: enough to find words."""
+    import comfy.sd
+
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.tokenizer, clip.tokenizer_options = tokenizer_class(), {}
+    return clip
+
+
+def flux_clip():
+    import comfy.text_encoders.flux
+
+    return host_clip(comfy.text_encoders.flux.FluxTokenizer)
+
+
+def sd3_clip():
+    import comfy.text_encoders.sd3_clip
+
+    return host_clip(comfy.text_encoders.sd3_clip.SD3Tokenizer)
+
+
+def sd1_clip():
+    import comfy.sd1_clip
+
+    return host_clip(comfy.sd1_clip.SD1Tokenizer)
+
+
+PROMPT = "a photo of a red watermelon cat"
+
+
+def test_t5_tokens_have_no_start_token_and_the_first_word_at_position_0():
+    """Flux's CLIP tokenizes into 'l' (CLIP-L: start token, 77 tokens) and 't5xxl' (T5: no start token, the
+    first word at 0, the end token after the words, padding to 256). One word finder reads either: the
+    T5 positions are where the host's own T5 tokenizer puts each word's ids."""
+    from attention_edit.engine.tokens import T5, first_tokenized, prompt_word_table, tokenized, word_positions
+
+    clip = flux_clip()
+    views = tokenized(clip, PROMPT)
+    assert set(views) == {"l", T5}
+    t5, clip_l = views[T5], views["l"]
+    assert (t5.start, t5.end, t5.first) == (None, 1, 0) and len(t5.chunks) == 1 and len(t5.chunks[0]) == 256
+    assert clip_l.start == 49406 and clip_l.first == 1 and len(clip_l.chunks[0]) == 77
+    # each word's ids from the host's T5 tokenizer alone (the end token it appends left off), laid end to end
+    raw = clip.tokenizer.t5xxl.tokenizer
+    expected, at = [], 0
+    for word in PROMPT.split():
+        ids = raw(word)["input_ids"][:-1]
+        assert list(t5.chunks[0][at:at + len(ids)]) == ids
+        expected.append((word, list(range(at, at + len(ids)))))
+        at += len(ids)
+    assert t5.ends == (at,) and t5.chunks[0][at] == t5.end  # the end token right after the words
+    assert set(t5.chunks[0][at + 1:]) == {0}  # then T5's padding
+    table = prompt_word_table(clip, PROMPT, T5)
+    assert table == expected
+    assert table[0] == ("a", [0, 1])  # T5 splits 'a' into '▁' and 'a': the first word from position 0
+    assert dict(table)["watermelon"] == [7, 8, 9] and dict(table)["cat"] == [10]
+    assert word_positions(clip, PROMPT, ["red watermelon", "cat"], T5) == [[6, 7, 8, 9], [10]]
+    # the default key: the first CLIP-style tokenizer (CLIP-L here), position 0 its start token
+    assert first_tokenized(clip, PROMPT).key == "l"
+    assert word_positions(clip, PROMPT, ["watermelon", "cat"]) == [[6], [7]]
+    with pytest.raises(ValueError, match="'dog' is not in the prompt"):
+        word_positions(clip, PROMPT, ["dog"], T5)
+
+
+def test_sd3_words_stay_on_clips_tokens():
+    """SD3's context starts with CLIP's chunk (T5's tokens after it): the default view is CLIP-G's."""
+    from attention_edit.engine.tokens import T5, first_tokenized, tokenized
+
+    clip = sd3_clip()
+    views = tokenized(clip, PROMPT)
+    assert set(views) == {"g", "l", T5} and views[T5].start is None and views["g"].start is not None
+    assert first_tokenized(clip, PROMPT).key == "g"
+
+
+def test_instant_mask_node_keeps_the_t5_positions_of_named_words():
+    from attention_edit.engine.instant_mask import WordGroups
+    from attention_edit.nodes.instant_mask import InstantMask
+
+    def node(words, clip):
+        return InstantMask.execute(target_prompt=PROMPT, words=words, map_side=0.25, object_similarity=0.9,
+                                   background_similarity=0.6, blur_passes=2, threshold=0.2, clip=clip).args[0]
+
+    named = node("cat, red watermelon", flux_clip())
+    assert isinstance(named.t5_words, WordGroups)
+    assert named.t5_words.words == [[0, 1], [2], [3], [4, 5], [6], [7, 8, 9], [10], [6, 7, 8, 9]]
+    assert named.t5_words.edit_words == [6, 7]
+    assert named.t5_words.names == ["a", "photo", "of", "a", "red", "watermelon", "cat", "red watermelon"]
+    assert named.words[:7] == [[1], [2], [3], [4], [5], [6], [7]]  # CLIP-L's, for SD3 and the UNets
+    assert node("", flux_clip()).t5_words.edit_words is None  # nothing named: Flux refuses it (no start token)
+    assert node("cat", sd1_clip()).t5_words is None  # a CLIP without T5 tokens: its own tokens are the context
+
+
+def test_flux_refuses_the_instant_mask_by_name_before_compute():
+    """On Flux.1 (a CLIP with T5's tokenizer) no word named is refused when the strategy is prepared, before
+    any model call; with words named and T5's positions it prepares. A CLIP-prompted Flux (a CLIP without T5
+    tokens, as the toy flow world) reads the CLIP tokens, start token first: the paper's rule, words or not."""
+    from attention_edit.nodes.instant_mask import InstantMask
+
+    model = tiny_dit.build("flux")
+    calls = []
+    m = model.clone()
+    m.set_model_unet_function_wrapper(lambda apply, args: calls.append(1) or apply(args["input"], args["timestep"],
+                                                                                   **args["c"]))
+
+    def node(words, clip):
+        return InstantMask.execute(target_prompt=PROMPT, words=words, map_side=0.25, object_similarity=0.9,
+                                   background_similarity=0.6, blur_passes=2, threshold=0.2, clip=clip).args[0]
+
+    with pytest.raises(ValueError, match="on Flux needs the word.*named.*start token's map.*no start token"):
+        node("", flux_clip()).prepare(m)
+    with pytest.raises(ValueError, match="'zebra' is not in the prompt"):
+        node("zebra", flux_clip())  # a word the prompt does not have: refused by the node itself
+    assert node("", sd1_clip()).prepare(m) is not m and node("cat", sd1_clip()).prepare(m) is not m
+    prepared = node("cat", flux_clip()).prepare(m)
+    assert prepared is not m and calls == []
+    sd35 = tiny_dit.build("sd35")  # SD3.5 keeps the paper's no-word rule (CLIP's start token is text token 0)
+    assert node("", sd3_clip()).prepare(sd35) is not sd35
