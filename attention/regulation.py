@@ -34,7 +34,7 @@ import torch
 from .heads import head_scores, heads_output
 
 RESTORES = ("overwrite", "renormalise")  # the official restore first
-BLOCK_CODES = {"input": 1, "middle": 2, "output": 3}
+BLOCK_CODES = {"input": 1, "middle": 2, "output": 3, "double": 4, "single": 5}  # UNet blocks; DiT blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +140,9 @@ def objective(maps: torch.Tensor, weights: torch.Tensor, params: RegulationParam
 def layer_seed(block: tuple[str, int, int] | None, step: int) -> int:
     """The seed of the initial weights of one layer at one step, fixed so that a run is reproducible:
     ((code * 100 + number) * 100 + index) * 10000 + step, with code 1, 2, 3 for the input, middle and
-    output blocks (("input", 7, 0) at step 3: 107000003). No block: the step alone."""
+    output blocks (("input", 7, 0) at step 3: 107000003), 4 and 5 for a DiT's double and single blocks (the
+    index then being which attention of the block: ("double", 3, 0) at step 2: 403000002). No block: the
+    step alone."""
     if block is None:
         return int(step)
     name, number, index = block
@@ -268,3 +270,46 @@ def regulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, grou
         probs = regulated_probs(scores, groups, applied, keep_index, params.restore)
         out = heads_output(probs, v, heads)
     return out.to(q.dtype), best
+
+
+def regulate_joint(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, txt: slice, groups: Sequence,
+                   keep: Sequence[int] | torch.Tensor | None, map_hw: tuple[int, int], step: int,
+                   previous: torch.Tensor | None = None, params: RegulationParams = RegulationParams(),
+                   basis: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regulation on a joint attention (Flux, SD3): the image queries' block over the text keys is regulated
+    as `regulate` regulates a cross-attention, and the rest of the softmax is left as it is.
+
+    For image query i with joint probabilities P_ij over all keys (text, image, anything after the image) and
+    text mass m_i = sum_{j txt} P_ij, the text block P_ij = m_i * C_ij, C_ij = softmax_{j txt}(s_ij) (the
+    query's cross-attention to the prompt). Regulation replaces C by the regulated C' (bias on the target
+    tokens' scores, optimised on C's maps, start / end tokens restored: `regulate` on the text keys alone):
+
+        out_i = sum_{j not txt} P_ij v_j + m_i * sum_{j txt} C'_ij v_j
+              = (1 - m_i) * attention(q_i, K_not_txt, V_not_txt) + m_i * regulate(q_i, K_txt, V_txt)
+
+    so the image->image probabilities and the text's total mass are the model's own, and the targets get
+    their share of the query's attention to the text. Equivalently: the bias is added to the target scores
+    inside the joint softmax and the text block is scaled back to the mass m_i it had.
+
+    attend(q, k, v): the attention kernel in [batch, heads, tokens, head dim] (softmax(q k^T / sqrt(d)) v).
+    q (B, H, M, D): the image queries, M = map_hw[0] * map_hw[1] in row-major token order; k, v (B, H, N, D):
+    all the keys and values; groups / keep: positions among the text tokens (0 = the first text token).
+    Returns the image queries' output (B, H, M, D), dtype of q, and this step's optimum (as `regulate`).
+    """
+    b, h, m, d = q.shape
+    k_txt, v_txt = k[:, :, txt], v[:, :, txt]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, N, H * D], regulate's layout
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+    text_out, best = regulate(flat(q), flat(k_txt), flat(v_txt), h, groups, keep, map_hw, step, previous, params,
+                              basis=basis, seed=seed)
+    text_out = text_out.reshape(b, m, h, v.shape[-1]).transpose(1, 2)
+    indicator = torch.zeros_like(v)
+    indicator[:, :, txt] = 1
+    mass = attend(q, k, indicator)[..., :1]  # m_i, every channel of the output holds it
+    rest = torch.cat([k[:, :, :txt.start], k[:, :, txt.stop:]], dim=2)
+    if rest.shape[2] == 0:
+        return (mass * text_out).to(q.dtype), best
+    rest_out = attend(q, rest, torch.cat([v[:, :, :txt.start], v[:, :, txt.stop:]], dim=2))
+    return ((1 - mass) * rest_out + mass * text_out).to(q.dtype), best

@@ -12,7 +12,7 @@ import torch
 
 from ..attention.blocks import block_selected, parse_block_spec
 from ..attention.regulation import RegulationParams, gaussian_basis, layer_seed, regulate
-from .patching import add_attention_replace, block_map_sides, unet_of
+from .patching import UNET, add_attention_replace, block_map_sides, model_family, unet_of
 from .tokens import CHUNK, parse_words, prompt_words, tokenized, word_ids
 
 log = logging.getLogger("attention_edit")
@@ -57,13 +57,23 @@ class TokenPlan:
 
         return [expand(g) for g in self.groups], expand(self.keep)
 
+    def text_positions(self) -> tuple[list[list[int]], list[int]]:
+        """Positions in a DiT's text tokens, where the chunks follow each other (SD3's CLIP part: chunk j at
+        77 j .. 77 j + 76; a single-chunk plan's positions as they are)."""
 
-def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None:
+        def flat(pairs):
+            return [chunk * CHUNK + pos for chunk, pos in pairs]
+
+        return [flat(g) for g in self.groups], flat(self.keep)
+
+
+def find_target_tokens(clip, prompt: str, target_words: str, keys: tuple[str, ...] | None = None) -> TokenPlan | None:
     """The token positions of the comma-separated target words in `prompt`, through the pack's word finder
     (engine/tokens.py) on every text encoder the model has (SDXL's two must see the same positions). A word
     made of several tokens is one target (all of its tokens, every occurrence in every chunk). None when
     there are no target words; a ValueError naming the word and listing the prompt's words when one is not
-    in the prompt."""
+    in the prompt. `keys`: read only these tokenizers (SD3: CLIP-L and CLIP-G; Flux: T5, which has no start
+    token and one chunk: its end token is the one restored)."""
     words = parse_words(target_words)
     if not words:
         return None
@@ -74,7 +84,13 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
                          "(the same text as in its CLIPTextEncode)")
     plans = {}
     for key, tp in tokenized(clip, prompt).items():
-        if any(len(chunk) != CHUNK for chunk in tp.chunks):
+        if keys is not None and key not in keys:
+            continue
+        startless = getattr(tp, "start", 0) is None and keys is not None  # T5 (Flux), asked for by name
+        if startless and len(tp.chunks) != 1:
+            raise ValueError(f"attention regulation: the '{key}' tokenizer split the prompt into {len(tp.chunks)} "
+                             f"chunks; one was expected")
+        if not startless and any(len(chunk) != CHUNK for chunk in tp.chunks):
             raise ValueError(f"attention regulation works with CLIP text encoders (chunks of {CHUNK} tokens); "
                              f"the '{key}' tokenizer makes chunks of {sorted({len(c) for c in tp.chunks})} tokens")
         groups, missing = [], []
@@ -89,9 +105,16 @@ def find_target_tokens(clip, prompt: str, target_words: str) -> TokenPlan | None
             names = ", ".join(f"'{w}'" for w in missing)
             raise ValueError(f"attention regulation: target word {names} not found in the prompt. Target words must "
                              f"appear in the prompt text as written there. The prompt's words: {listed}")
-        keep = tuple((c, 0) for c in range(len(tp.chunks))) + tuple((c, e) for c, e in enumerate(tp.ends) if e < CHUNK)
+        if startless:  # no start token; the end token after the words is restored (one chunk: positions as is)
+            keep = tuple((c, e) for c, e in enumerate(tp.ends) if e < len(tp.chunks[c]))
+        else:
+            keep = tuple((c, 0) for c in range(len(tp.chunks))) + tuple((c, e) for c, e in enumerate(tp.ends)
+                                                                         if e < CHUNK)
         plans[key] = TokenPlan(words=tuple(words), groups=tuple(groups), keep=keep, chunks=len(tp.chunks))
     if not plans:
+        if keys:
+            raise ValueError(f"attention regulation: the CLIP given has no {' or '.join(repr(k) for k in keys)} "
+                             f"tokenizer, which this model's prompt tokens come from: connect the model's own CLIP")
         raise ValueError("attention regulation: the CLIP given has no CLIP-style tokenizer (start and end tokens)")
     plan = next(iter(plans.values()))
     if any(p != plan for p in plans.values()):
@@ -162,7 +185,15 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
                                params: RegulationParams = RegulationParams(), blocks: str = DEFAULT_BLOCKS,
                                map_side: float = DEFAULT_MAP_SIDE):
     """A clone of `model` whose selected cross-attention layers regulate the plan's targets on the
-    conditional rows for steps i < end_percent * N. No plan (no target words): the model itself."""
+    conditional rows for steps i < end_percent * N. No plan (no target words): the model itself.
+
+    Flux and SD3 / SD3.5: the joint attention's image->text block is regulated (engine/dit_regulation.py);
+    `blocks` is then a DiT block spec (the UNet default stands for the DiT default) and map_side does not
+    apply (every joint attention is at the token grid)."""
+    if model_family(model) != UNET:
+        from .dit_regulation import apply_attention_regulation_dit
+
+        return apply_attention_regulation_dit(model, plan, end_percent, params, blocks)
     unet_of(model)
     if not 0.0 <= end_percent <= 1.0:
         raise ValueError(f"end_percent must be in [0, 1], got {end_percent}")

@@ -1,7 +1,8 @@
 from comfy_api.latest import io
 
 from ..attention.regulation import RESTORES, RegulationParams
-from ..engine.patching import unet_of
+from ..engine.dit_regulation import DEFAULT_DIT_BLOCKS, regulation_blocks_dit, regulation_token_keys
+from ..engine.patching import UNET, model_family
 from ..engine.regulation import (
     DEFAULT_BLOCKS,
     DEFAULT_MAP_SIDE,
@@ -9,7 +10,8 @@ from ..engine.regulation import (
     find_target_tokens,
     regulation_layers,
 )
-from .common import CATEGORY, Prompts, block_spec_error, check_widgets, prompt_from
+from .common import CATEGORY, Prompts, check_widgets, prompt_from
+from .uniform_attention import any_block_spec_error
 
 DEFAULTS = RegulationParams()
 
@@ -26,9 +28,12 @@ class AttentionRegulation(io.ComfyNode):
                         "low-resolution cross-attention layers, early in the schedule and on the positive prompt "
                         "only, a smooth bias is added to the target words' attention scores, optimised each step "
                         "so that every target gets a high-attention region and an equal share of attention. "
-                        "Works with the stock KSampler and SamplerCustom on SD1.x, SD2.x and SDXL.",
+                        "Works with the stock KSampler and SamplerCustom on SD1.x, SD2.x and SDXL, and on SD3 / "
+                        "SD3.5 and Flux.1, where the image tokens' attention to the prompt inside the joint "
+                        "attention is regulated (its share of the text kept, image-to-image attention untouched).",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x, SD2.x or SDXL model to patch (a patched clone is returned)."),
+                io.Model.Input("model", tooltip="The SD1.x, SD2.x, SDXL, SD3 / SD3.5 or Flux.1 model to patch (a "
+                                                "patched clone is returned)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="The CLIP that encodes the positive prompt: its tokenizer finds the target "
                                       "words' token positions. Not needed when 'prompts' is connected."),
@@ -65,11 +70,15 @@ class AttentionRegulation(io.ComfyNode):
                 io.String.Input("blocks", default=DEFAULT_BLOCKS,
                                 tooltip="UNet blocks to consider: 'all', or a comma list of input, middle, output "
                                         "with optional numbers. Default: the encoder and decoder (the paper's last "
-                                        "down and first up block, with map_side)."),
+                                        "down and first up block, with map_side). On SD3 / SD3.5 and Flux: 'all', "
+                                        "double, single (with numbers, e.g. 'double:4-8') or depth:a-b (fraction of the depth); "
+                                        f"the default here means '{DEFAULT_DIT_BLOCKS}', the part of the depth "
+                                        "where the paper's layers sit in SD's UNet."),
                 io.Float.Input("map_side", default=DEFAULT_MAP_SIDE, min=0.0, max=1.0, step=0.125,
                                tooltip="Regulate the layers of those blocks whose maps are this fraction of the "
                                        "latent side (nearest power of two): 0.25 = 16x16 maps on SD at 512 px and "
-                                       "32x32 on SDXL at 1024 px. 0 = every size (slow)."),
+                                       "32x32 on SDXL at 1024 px. 0 = every size (slow). Not used on SD3 / "
+                                       "SD3.5 and Flux (every joint attention is at the latent side / 2)."),
                 io.Combo.Input("restore", options=list(RESTORES), default=DEFAULTS.restore, optional=True,
                                tooltip="Start and end tokens after the softmax get back their unbiased probability. "
                                        "overwrite (official): nothing else changes, the targets keep their "
@@ -89,16 +98,21 @@ class AttentionRegulation(io.ComfyNode):
         checked = check_widgets(cls, end_percent=end_percent, learning_rate=learning_rate, ema=ema, decay=decay,
                                 peak_target=peak_target, share_weight=share_weight, beta=beta, map_side=map_side,
                                 restore=restore)
-        return checked if checked is not True else block_spec_error(blocks)
+        return checked if checked is not True else any_block_spec_error(blocks)
 
     @classmethod
     def execute(cls, model, prompt, target_words, end_percent, iterations, learning_rate, ema, decay,
                 peak_target, share_weight, beta, blocks, map_side, restore=DEFAULTS.restore, clip=None,
                 prompts=None) -> io.NodeOutput:
-        unet_of(model)  # unsupported families first, then bad words and layers: all before any sampling
+        family = model_family(model)  # unsupported families first, then bad words and layers: before sampling
         clip, prompt = prompt_from(prompts, clip, prompt, "prompt", "Attention Regulation")
-        plan = find_target_tokens(clip, prompt, target_words)
-        regulation_layers(model, blocks, map_side)
+        keys = regulation_token_keys(family, clip) if family != UNET else None
+        if family == UNET:
+            plan = find_target_tokens(clip, prompt, target_words)
+            regulation_layers(model, blocks, map_side)
+        else:  # SD3: among the CLIP-L / CLIP-G tokens (its first text tokens); Flux: among T5's tokens
+            plan = find_target_tokens(clip, prompt, target_words, keys=keys)
+            regulation_blocks_dit(model, blocks)
         params = RegulationParams(iterations=iterations, learning_rate=learning_rate, ema=ema, decay=decay,
                                   peak_target=peak_target, share_weight=share_weight, beta=beta, restore=restore)
         return io.NodeOutput(apply_attention_regulation(model, plan, end_percent, params, blocks, map_side))

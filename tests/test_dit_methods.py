@@ -13,7 +13,6 @@ from attention_edit.engine.dit_methods import apply_uniform_attention_dit
 from attention_edit.engine.inversion import schedule
 from attention_edit.nodes.injection import SelfAttentionInjection
 from attention_edit.nodes.inversion import DDIMInversion
-from attention_edit.nodes.regulation import AttentionRegulation
 from attention_edit.nodes.uniform_attention import UniformAttention
 from fixtures import tiny, tiny_dit
 
@@ -184,13 +183,3 @@ def test_methods_not_done_on_dits_are_refused_by_name():
     with pytest.raises(ValueError, match="mask-guided MasaCtrl.*Flux and SD3"):
         SelfAttentionInjection.execute(model=model, mode="masactrl", fpe_ratio=0.8, fpe_max_map_side=0.5,
                                        masactrl_start_step=4, masactrl_start_layer=-1, masactrl_mask=mask)
-    with pytest.raises(ValueError, match="not yet the Flux and SD3 DiTs.*'Flux'"):
-        AttentionRegulation.execute(**regulation_inputs(model))
-
-
-def regulation_inputs(model):
-    """The node's inputs with nothing but the model set: the family check comes first of all."""
-    import inspect
-
-    names = [n for n in inspect.signature(AttentionRegulation.execute).parameters if n not in ("cls", "model")]
-    return dict({n: None for n in names}, model=model)
