@@ -15,6 +15,7 @@ import torch
 
 from ..attention.layout import AUX, SOURCE, TARGET
 from .contract import AttentionCall, AttentionPatch
+from .dit import JOINT, DitCall, Tag, dit_blocks, dit_family, dit_patches
 from .patching import block_map_sides, transformer_blocks
 
 # An edited latent closer than this to the source (relative RMS difference) is reported as "almost the source".
@@ -35,6 +36,22 @@ class Injection:
     active_steps: list[int]  # steps of this run (indices into the full schedule) where it reads the source
     run_steps: list[int]  # every step of this run
     layers_active: int  # blocks where it reads at some step of the run
+    # On a DiT: the blocks it is registered on, (kind, index) in execution order ("double"/"single"; SD3's
+    # joint blocks are "double", as the host's `dit` replace names them). None on a UNet.
+    blocks: tuple[tuple[str, int], ...] | None = None
+
+    def blocks_text(self) -> str:
+        """'double 0-1, single 0-3': the DiT blocks by kind, runs of indices joined."""
+        parts = []
+        for kind in dict.fromkeys(k for k, _ in self.blocks or ()):
+            idx = sorted(i for k, i in self.blocks if k == kind)
+            runs, first = [], idx[0]
+            for a, b in zip(idx, idx[1:] + [None]):
+                if b != a + 1:
+                    runs.append(str(first) if first == a else f"{first}-{a}")
+                    first = b
+            parts.append(f"{kind} {', '.join(runs)}")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -49,7 +66,7 @@ class EditReport:
     not_needed: tuple[str, ...] = ()
     recomputed: dict = field(default_factory=dict)
     pinned: tuple[str, ...] = ()
-    injections: list[Injection] | None = field(default_factory=list)  # None: not read on this family (DiTs)
+    injections: list[Injection] | None = field(default_factory=list)  # None: not read on this model family
     uniform: tuple[str, ...] = ()  # branches with the pack's uniform cross-attention
     mask_kind: str | None = None
     mask_coverage: float | None = None  # share of the image the final mask lets change (None: no mask)
@@ -59,9 +76,10 @@ class EditReport:
     same_prompts: bool = False
     warnings: list[str] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
+    sampler: str = "DDIM"  # the branch sampler's ODE step: DDIM on the UNets, Euler on the flow models
 
     def text(self) -> str:
-        lines = ["Edit report", f"steps: {self.run_steps} of {self.steps} (DDIM), cfg {self.cfg:g}, "
+        lines = ["Edit report", f"steps: {self.run_steps} of {self.steps} ({self.sampler}), cfg {self.cfg:g}, "
                  f"{'real image (inversion)' if self.real_image else 'generated image (seed)'}"]
         parts = [f"{b} ran" for b in self.ran]
         parts += [f"{b} replayed from the inversion (not run)" for b in self.replayed]
@@ -72,10 +90,11 @@ class EditReport:
         if self.pinned:
             lines.append(f"pinned to the inversion: {', '.join(self.pinned)}")
         for inj in self.injections or []:
-            lines.append(f"injection: {inj.method} at {inj.layers_active} of {inj.of_layers} layers, "
-                         f"{_steps_text(inj.active_steps, inj.run_steps)}")
+            where = (f"{inj.layers_active} of {inj.of_layers} layers" if inj.blocks is None else
+                     f"{inj.layers_active} of {inj.of_layers} blocks ({inj.blocks_text()})")
+            lines.append(f"injection: {inj.method} at {where}, {_steps_text(inj.active_steps, inj.run_steps)}")
         if self.injections is None:
-            lines.append("injection: not reported on this model family (Flux, SD3)")
+            lines.append("injection: not reported on this model family")
         elif not self.injections:
             lines.append("injection: none")
         if self.uniform:
@@ -111,14 +130,46 @@ def _probe(key: tuple[str, int, int], step: int, steps: int, side: float | None)
                          block=key, map_hw=None, map_side=side)
 
 
+def _dit_probe(block, step: int, steps: int) -> DitCall:
+    """A joint-attention call in DiT block `block` at `step`, for asking a DiT patch's `active`."""
+    return DitCall(options={}, batch=2, heads=1, chunks=(0,), run=None, step=(step, steps), exact_step=True,
+                   block=(block.kind, block.index, JOINT), map_hw=None, map_side=None, txt=slice(0, 0),
+                   img=slice(0, 0), joint=True, tag=Tag(block, None))
+
+
+def find_dit_injections(model, steps: int, run_steps: int) -> list[Injection]:
+    """The pack's injections on a DiT (Flux, SD3): the `DitAttentionPatch`es of the attention-override chain
+    whose method is an injection, with the blocks each is on and the steps of this run it reads the source."""
+    blocks = dit_blocks(model)
+    run = list(range(steps - run_steps, steps))
+    found: dict = {}
+    for link in reversed(dit_patches(model)):  # innermost (installed first) first
+        if not link.method.startswith(INJECTION_PREFIX):
+            continue
+        entry = found.setdefault(link.reader or id(link), {"method": link.method[len(INJECTION_PREFIX):],
+                                                           "blocks": [], "steps": set(), "active": 0})
+        for block in blocks:
+            if (block.kind, block.index) not in link.blocks:
+                continue
+            entry["blocks"].append((block.kind, block.index))
+            active = [i for i in run if link.active(_dit_probe(block, i, steps))]
+            entry["steps"] |= set(active)
+            entry["active"] += bool(active)
+    return [Injection(e["method"], len(e["blocks"]), len(blocks), sorted(e["steps"]), run, e["active"],
+                      blocks=tuple(e["blocks"])) for e in found.values()]
+
+
 def find_injections(model, steps: int, run_steps: int) -> list[Injection] | None:
-    """The pack's self-attention injections on `model` and where in this run they read the source; None on
-    a DiT, whose injections live in the attention override, not in the attn1 table read here."""
+    """The pack's self-attention injections on `model` and where in this run they read the source: on a
+    UNet from the attn1 replace table, on a DiT from the attention override (find_dit_injections); None on
+    a model of neither kind."""
+    if dit_family(model) is not None:
+        return find_dit_injections(model, steps, run_steps)
     table = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     try:
         keys = transformer_blocks(model)
         sides = block_map_sides(model)
-    except (ValueError, AttributeError):  # not a UNet: the attn1 table says nothing about its injections
+    except (ValueError, AttributeError):  # neither a UNet nor a supported DiT: nothing to read
         return None
     run = list(range(steps - run_steps, steps))
     found: dict[str, dict] = {}
@@ -197,11 +248,12 @@ def mask_facts(report: EditReport, run, kind: str | None, words: list[str] | Non
         return
     report.mask_coverage = None if run.mask is None else float(run.mask.float().mean())
     classes = run.info.get("mask_classes")
+    words = run.info.get("mask_word_names") or words  # the run's own (T5's words on Flux)
     if words and classes is not None:
         obj = [w for w, on in zip(words, classes.is_object[0].tolist()) if on]
         bg = [w for w, on in zip(words, classes.is_background[0].tolist()) if on]
         report.mask_words = f"object words: {', '.join(obj) or 'none'}; background words: {', '.join(bg) or 'none'}"
 
 
-__all__ = ["EditReport", "Injection", "add_hints", "branch_facts", "find_injections",
+__all__ = ["EditReport", "Injection", "add_hints", "branch_facts", "find_dit_injections", "find_injections",
            "latent_change", "mask_facts", "SOURCE", "TARGET", "AUX"]

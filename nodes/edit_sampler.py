@@ -11,6 +11,7 @@ from ..engine import report as edit_report
 from ..engine.adaptive_mask import AdaptiveMaskStrategy
 from ..engine.branches import Branch, sample_branches
 from ..engine.conditioning import conditioning_key
+from ..engine.dit import dit_family
 from ..engine.instant_mask import InstantMaskStrategy
 from ..engine.inversion import check_latent_fits, schedule
 from ..engine.masks import FixedMaskStrategy
@@ -180,8 +181,9 @@ class EditSampler(io.ComfyNode):
         else:
             raise ValueError("connect an inversion (real image) or a latent such as EmptyLatentImage (generated image)")
         edited = run.latents[TARGET]
-        report = build_report(model, run, strategy, source, target, cfg, steps, run_steps, inversion is not None,
-                              pinned, warnings)
+        # The schedule's own step count (ddim_uniform may give one more than asked)
+        report = build_report(model, run, strategy, source, target, cfg, len(full) - 1, run_steps,
+                              inversion is not None, pinned, warnings)
         text = report.text()
         log.info("edit: %s", text.replace("\n", "\n  "))
         return io.NodeOutput(latent_output(edited), latent_output(run.latents[SOURCE]), image_mask(edited, run.mask),
@@ -208,8 +210,9 @@ def mask_kind(strategy) -> str | None:
 def build_report(model, run, strategy, source, target, cfg: float, steps: int, run_steps: int, real_image: bool,
                  pinned: tuple, warnings: list[str]) -> edit_report.EditReport:
     """What the edit did, from the model's patches, the run and its latents (engine/report.py)."""
+    flow = dit_family(model) is not None  # the same sigma-space step: DDIM for eps models, Euler on a flow's path
     report = edit_report.EditReport(steps=steps, run_steps=run_steps, cfg=cfg, real_image=real_image, pinned=pinned,
-                                    warnings=list(warnings))
+                                    warnings=list(warnings), sampler="Euler, rectified flow" if flow else "DDIM")
     edit_report.branch_facts(report, run)
     report.injections = edit_report.find_injections(model, steps, run_steps)
     report.uniform = tuple(uniform_branches(model, report.branches))

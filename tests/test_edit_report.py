@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from attention_edit.engine.report import NO_CHANGE, EditReport, Injection, add_hints, latent_change
+from attention_edit.engine.report import NO_CHANGE, EditReport, Injection, add_hints, find_injections, latent_change
+from attention_edit.nodes.edit_sampler import EditSampler
+from attention_edit.nodes.injection import SelfAttentionInjection
+from attention_edit.nodes.inversion import DDIMInversion
+from attention_edit.nodes.uniform_attention import UniformAttention
+from fixtures import tiny_dit
 
 RUN = list(range(10))
 
@@ -85,8 +91,79 @@ def test_latent_change_measures_distance_and_area():
 
 
 def test_injections_not_read_on_a_family_are_not_reported_as_none():
-    """On a DiT the report cannot read the injections (they live in the attention override): it says so
-    instead of claiming there is none."""
+    """Where the report cannot read the injections (a model of no supported kind) it says so instead of
+    claiming there is none."""
     text = report(injections=None).text()
     assert "injection: not reported on this model family" in text and "injection: none" not in text
     assert "injection: none" in report(injections=[]).text()
+
+
+DIT_STEPS = 10
+
+
+def dit_injected(name, mode, **settings):
+    args = dict(fpe_ratio=0.8, fpe_max_map_side=0.5, masactrl_start_step=4, masactrl_start_layer=-1)
+    args.update(settings)
+    return SelfAttentionInjection.execute(model=tiny_dit.build(name), mode=mode, **args).args[0]
+
+
+@pytest.mark.parametrize("name", ["flux", "sd35"])
+def test_dit_injections_are_read_from_the_attention_override(name):
+    """On Flux and SD3.5 the injections are DitAttentionPatches in the attention-override chain: the report
+    names the method, the blocks (kind and index) and the steps, as on the UNet."""
+    every = [("double", 0), ("double", 1), ("single", 0), ("single", 1)] if name == "flux" else \
+        [("double", 0), ("double", 1), ("double", 2)]
+    # FPE: every block, steps [0, int(0.8 * 10)) = 0-7
+    (fpe_found,) = find_injections(dit_injected(name, "fpe"), DIT_STEPS, DIT_STEPS)
+    assert fpe_found == Injection("fpe", layers=len(every), of_layers=len(every), active_steps=list(range(8)),
+                                  run_steps=list(range(DIT_STEPS)), layers_active=len(every), blocks=tuple(every))
+    # MasaCtrl's default: the first block at 10/16 of the depth or deeper (Flux: order 3 of 4 = single 1;
+    # SD3.5: order 2 of 3 = joint block 2), from step 4
+    (masa,) = find_injections(dit_injected(name, "masactrl"), DIT_STEPS, DIT_STEPS)
+    assert masa == Injection("masactrl", layers=1, of_layers=len(every), active_steps=list(range(4, DIT_STEPS)),
+                             run_steps=list(range(DIT_STEPS)), layers_active=1, blocks=(every[-1],))
+    # an inversion at strength 0.5: the run is the last 5 steps of the schedule
+    (late,) = find_injections(dit_injected(name, "masactrl", masactrl_start_layer=1), DIT_STEPS, 5)
+    assert late.blocks == tuple(every[1:]) and late.active_steps == list(range(5, 10)) and late.run_steps == \
+        list(range(5, 10))
+    text = report(injections=[fpe_found, masa]).text()
+    where = "double 0-1, single 0-1" if name == "flux" else "double 0-2"
+    assert f"injection: fpe at {len(every)} of {len(every)} blocks ({where}), steps 0-7 (8 of 10)" in text
+    last = "single 1" if name == "flux" else "double 2"
+    assert f"injection: masactrl at 1 of {len(every)} blocks ({last}), steps 4-9 (6 of 10)" in text
+    assert "not reported" not in text
+
+
+def test_dit_uniform_attention_and_other_overrides_are_no_injection():
+    """Uniform attention is reported on its own line, not as an injection; two injections stacked on one
+    model are two entries (the innermost, applied first, first)."""
+    m = UniformAttention.execute(model=tiny_dit.build("flux"), scope="inversion_and_aux", start_percent=0.0,
+                                 end_percent=1.0, blocks="all").args[0]
+    assert find_injections(m, DIT_STEPS, DIT_STEPS) == []
+    assert find_injections(tiny_dit.build("flux"), DIT_STEPS, DIT_STEPS) == []
+    both = SelfAttentionInjection.execute(model=dit_injected("flux", "fpe", fpe_ratio=0.3), mode="masactrl",
+                                          fpe_ratio=0.8, fpe_max_map_side=0.5, masactrl_start_step=0,
+                                          masactrl_start_layer=0).args[0]
+    fpe_found, masa = find_injections(both, DIT_STEPS, DIT_STEPS)
+    assert (fpe_found.method, fpe_found.active_steps) == ("fpe", [0, 1, 2])
+    assert (masa.method, masa.layers_active, masa.active_steps) == ("masactrl", 4, RUN)
+    assert any("MasaCtrl reads the source from the first step" in h for h in hints(injections=[masa]))
+
+
+def test_edit_sampler_reports_the_dit_injections_and_uniform_attention():
+    """The Edit Sampler's report on tiny Flux: FPE's blocks and steps, and the branches uniform attention
+    covers (scope all: both)."""
+    lat, src, tgt = tiny_dit.latent(), tiny_dit.conditioning("flux", 1), tiny_dit.conditioning("flux", 3)
+    base = tiny_dit.build("flux")
+    uam = UniformAttention.execute(model=base, scope="all", start_percent=0.0, end_percent=1.0,
+                                   blocks="all").args[0]
+    handle = DDIMInversion.execute(model=uam, latent={"samples": lat}, positive=src, negative=None, cfg=1.0,
+                                   steps=4, scheduler="simple", strength=1.0).args[1]
+    model = SelfAttentionInjection.execute(model=uam, mode="fpe", fpe_ratio=0.5, fpe_max_map_side=0.5,
+                                           masactrl_start_step=4, masactrl_start_layer=-1).args[0]
+    out = EditSampler.execute(model=model, source=src, target=tgt, negative=src, cfg=1.0, steps=4, scheduler="simple",
+                              pin_source=True, seed=0, inversion=handle)
+    text = "".join(out.ui["text"]) if isinstance(out.ui, dict) else "".join(out.ui.as_dict()["text"])
+    assert "injection: fpe at 4 of 4 blocks (double 0-1, single 0-1), steps 0-1 (2 of 4)" in text
+    assert "not reported" not in text and "injection: none" not in text
+    assert "uniform cross-attention: source, target" in text
