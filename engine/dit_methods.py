@@ -78,9 +78,10 @@ def apply_uniform_attention_dit(model, scope: str, start: float, end: float, blo
 
 
 def default_masactrl_block(model) -> int:
-    """The first block (execution order) at MASACTRL_DEPTH of the depth or deeper."""
+    """The first block (execution order) at MASACTRL_DEPTH of the depth or deeper; the last block on a model
+    too shallow to have one (2 blocks: depths 0 and 1/2)."""
     blocks = dit_blocks(model)
-    return next(b.order for b in blocks if b.depth >= MASACTRL_DEPTH - 1e-9)
+    return next((b.order for b in blocks if b.depth >= MASACTRL_DEPTH - 1e-9), blocks[-1].order)
 
 
 def apply_injection_dit(model, mode: str, fpe_ratio: float, masactrl_start_step: int, masactrl_start_layer: int,

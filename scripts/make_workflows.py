@@ -14,6 +14,9 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+# Comfy-Org's all-in-one files (the model, its text encoders and VAE in one checkpoint, for Load Checkpoint).
+FLUX_DEV = "flux1-dev-fp8.safetensors"
+SD35_MEDIUM = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
 EXAMPLE_IMAGE = "example.png"
 SOURCE_PROMPT = "a large red circle in the center on a white background"
 TARGET_PROMPT = "a large blue circle in the center on a white background"
@@ -51,22 +54,23 @@ REAL_EDIT_NOTE = ("Change first: the image in Load Image and the checkpoint in L
                   "mask, how far the edit moved, hints when it did nothing).")
 
 
-def real_edit_uam(checkpoint=SD15, prefix="uam"):
+def real_edit_uam(checkpoint=SD15, prefix="uam", steps=50, cfg=7.5, scheduler="ddim_uniform", note=None):
     """UAM, its official recipe: two empty-prompt inversions (normal attention for the source and target
     branches, uniform attention for the auxiliary one), MasaCtrl mutual self-attention in the edit, adaptive
     mask blending with the auxiliary uniform-attention branch (red line on), nothing pinned."""
     g = photo_inputs(checkpoint)
+    schedule = {"steps": steps, "scheduler": scheduler}
     g.update({
         7: ("AttnEdit_UniformAttention", {"model": (1, 0), "scope": "inversion_and_aux"}),
-        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
+        8: ("AttnEdit_DDIMInversion", {"model": (1, 0), "latent": (3, 0), "positive": (4, 0), **schedule},
             "Inversion, normal attention (source, target)"),
-        18: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), "steps": 50},
+        18: ("AttnEdit_DDIMInversion", {"model": (7, 0), "latent": (3, 0), "positive": (4, 0), **schedule},
              "Inversion, uniform attention (auxiliary branch)"),
         **edit_prompts(),
         9: ("AttnEdit_SelfAttentionInjection", {"model": (7, 0), "mode": "masactrl"}),
         15: ("AttnEdit_AdaptiveMask", {"recipe": "two_trajectories"}),
         10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (6, 0), "target": (6, 1), "negative": (6, 2),
-                                      "inversion": (8, 1), "aux_inversion": (18, 1), "steps": 50, "cfg": 7.5,
+                                      "inversion": (8, 1), "aux_inversion": (18, 1), **schedule, "cfg": cfg,
                                       "pin_source": False, "mask_strategy": (15, 0)}),
         **decode(11, (10, 0), "Decode: edited"),
         **decode(13, (10, 1), "Decode: source branch"),
@@ -78,7 +82,7 @@ def real_edit_uam(checkpoint=SD15, prefix="uam"):
     # The two inversions side by side at the top, so the links they send to the sampler pass above group 2.
     layout = [("1 invert the photo", [[1, 2], [7, 3, 4], [8], [18]]), ("2 describe the edit", [6]),
               ("3 edit", [9, 15, 10, 11, 13, 16]), ("4 compare", [14, 12, 17])]
-    return g, layout, REAL_EDIT_NOTE
+    return g, layout, note or REAL_EDIT_NOTE
 
 
 def real_edit_fpe():
@@ -220,6 +224,61 @@ def sdxl_real_edit():
     return real_edit_uam(SDXL, "sdxl")
 
 
+# Flow-matching DiTs (web/docs/AttnEdit_DDIMInversion.md, "On Flux and SD3.5"): ComfyUI's `simple` scheduler
+# (what the pack's DiT tests measure), inversion at cfg 1.
+DIT_SCHEDULER = "simple"
+FLUX_STEPS = 28
+FLUX_GUIDANCE = 3.5  # FluxGuidance's default, Flux-dev's usual distilled guidance
+SD35_STEPS = 40
+SD35_CFG = 5.0
+
+FLUX_NOTE = ("Change first: the image in Load Image (about 1024 px: Flux-dev's size) and the checkpoint in Load "
+             "Checkpoint (Comfy-Org's all-in-one flux1-dev-fp8, with its text encoders and VAE), then the target "
+             "prompt in 'Prompts (type them here)'. Flux-dev has no real CFG: its distilled guidance rides in the "
+             "prompt (FluxGuidance), so invert and edit at cfg 1 and keep the three FluxGuidance nodes at one "
+             "value (the inversion's prompt is the source's, so the source is replayed). After a run the Edit "
+             "Sampler shows its edit report.")
+
+
+def flux_real_edit():
+    """Free-Prompt-Editing on a real image with Flux.1-dev: the injected model inverts the photo (the
+    rectified-flow ODE run backwards, empty prompt with Flux-dev's distilled guidance, cfg 1), the source
+    pinned and replayed (its prompt and guidance are the inversion's), r = 0.8, the edit at cfg 1."""
+    g = photo_inputs(FLUX_DEV)
+    schedule = {"steps": FLUX_STEPS, "scheduler": DIT_SCHEDULER}
+    g.update({
+        5: ("FluxGuidance", {"conditioning": (4, 0), "guidance": FLUX_GUIDANCE}, "Guidance: inversion"),
+        9: ("AttnEdit_SelfAttentionInjection", {"model": (1, 0), "mode": "fpe", "fpe_ratio": 0.8}),
+        8: ("AttnEdit_DDIMInversion", {"model": (9, 0), "latent": (3, 0), "positive": (5, 0), "cfg": 1.0,
+                                       **schedule}, "Inversion (rectified flow, cfg 1)"),
+        **edit_prompts(),
+        19: ("FluxGuidance", {"conditioning": (6, 0), "guidance": FLUX_GUIDANCE}, "Guidance: source"),
+        20: ("FluxGuidance", {"conditioning": (6, 1), "guidance": FLUX_GUIDANCE}, "Guidance: target"),
+        10: ("AttnEdit_EditSampler", {"model": (9, 0), "source": (19, 0), "target": (20, 0), "negative": (6, 2),
+                                      "inversion": (8, 1), "cfg": 1.0, **schedule}),
+        **decode(11, (10, 0), "Decode: edited"),
+        **save(12, (11, 0), "attention-edit/flux_fpe_edited", "Edited"),
+    })
+    # The injected model at the top, so its link to the sampler passes above group 2.
+    layout = [("1 invert the photo", [[1, 2], [9, 3, 4], [5], [8]]), ("2 describe the edit", [6, 19, 20]),
+              ("3 edit", [10, 11]), ("4 compare", [12])]
+    return g, layout, FLUX_NOTE
+
+
+SD35_NOTE = (f"Change first: the image in Load Image (about 1024 px: SD3.5's size) and the checkpoint in Load "
+             "Checkpoint (Comfy-Org's all-in-one SD3.5 medium, with its text encoders), then the target prompt in "
+             "'Prompts (type them here)'. SD3.5 has real CFG: both inversions run at cfg 1 (exact; higher drifts), "
+             f"the edit at cfg {SD35_CFG:g}. After a run the Edit Sampler shows its edit report (what ran, the mask, how far "
+             "the edit moved, hints when it did nothing).")
+
+
+def sd35_real_edit():
+    """The UAM recipe (official: two inversions at cfg 1, MasaCtrl, adaptive mask, nothing pinned) on SD3.5
+    medium, at SD3.5's real CFG."""
+    return real_edit_uam(SD35_MEDIUM, "sd35", steps=SD35_STEPS, cfg=SD35_CFG, scheduler=DIT_SCHEDULER,
+                         note=SD35_NOTE)
+
+
 WORKFLOWS = {
     "real_edit_uam_masactrl": real_edit_uam,
     "real_edit_fpe": real_edit_fpe,
@@ -228,6 +287,8 @@ WORKFLOWS = {
     "reconstruction_compared": reconstruction_compared,
     "regulation_side_by_side": regulation_side_by_side,
     "sdxl_real_edit": sdxl_real_edit,
+    "flux_real_edit": flux_real_edit,
+    "sd35_real_edit": sd35_real_edit,
 }
 DEMO_WORKFLOW = "real_edit_uam_masactrl"
 # The files are written on the development host: a node's output slots are what that host's frontend

@@ -18,7 +18,9 @@ module):
   loaded canvas goes to tests/artifacts/browser/<workflow>.png (git-ignored; workflows/<workflow>.png
   thumbnails are a separate step and never written here).
 * test_workflow_runs_from_frontend_prompt: the frontend's API prompt, pointed at the test's model files
-  (every CheckpointLoaderSimple becomes AttnEdit_ToyModelLoader, which has the same outputs), with fewer
+  (every CheckpointLoaderSimple becomes AttnEdit_ToyModelLoader, which has the same outputs, loading the toy
+  model of the checkpoint's family: the toy flow world for Flux, the SD3.5-shaped toy for SD3, else the UNet
+  toy world; their text encoder is the toy CLIP, and FluxGuidance is harmless on them), with fewer
   steps (see SMOKE_STEPS) and the instant masks' start_map at `direct` (the toy model's start token attends
   to the object, see web/docs/AttnEdit_InstantMaskEstimate.md), is queued on the session's host and
   succeeds; every SaveImage writes a non-empty 128x128 PNG. The LoadImage inputs are a toy-world scene
@@ -382,13 +384,25 @@ def test_workflow_loads_in_frontend(wf_file, node_classes, frontend):
     assert not mismatches, "\n".join(mismatches)
 
 
-def _smoke_prompt(prompt: dict, toy_model: str) -> dict:
-    """The frontend's prompt on the test's model files and at the toy model's size, with SMOKE_STEPS steps."""
+def _toy_model_for(checkpoint: str, model_files: dict) -> str:
+    """The test's toy model of the checkpoint's family: the toy flow world for a Flux checkpoint, the
+    SD3.5-shaped toy for an SD3 one, else the UNet toy world (all three at TOY_SIZE, on the toy CLIP and VAE)."""
+    name = checkpoint.lower()
+    if "flux" in name:
+        return model_files["toy_flux_model"]
+    if "sd3" in name:
+        return model_files["toy_sd3_model"]
+    return model_files["toy_model"]
+
+
+def _smoke_prompt(prompt: dict, model_files: dict) -> dict:
+    """The frontend's prompt on the test's model files (the toy model of each checkpoint's family) and at the
+    toy model's size, with SMOKE_STEPS steps."""
     prompt = _strip_meta(json.loads(json.dumps(prompt)))
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":  # same outputs: MODEL, CLIP, VAE
             node["class_type"] = "AttnEdit_ToyModelLoader"
-            node["inputs"] = {"model_name": toy_model}
+            node["inputs"] = {"model_name": _toy_model_for(node["inputs"]["ckpt_name"], model_files)}
         elif node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=TOY_SIZE, height=TOY_SIZE)
         if node["class_type"] in STEP_NODES and "steps" in node["inputs"]:
@@ -408,7 +422,7 @@ def test_workflow_runs_from_frontend_prompt(wf_file, frontend, comfy_server, hos
 
     result = frontend.load(workflow)
     _assert_loaded(result, workflow, frontend)
-    prompt = _smoke_prompt(result["prompt"], host_model_files["toy_model"])
+    prompt = _smoke_prompt(result["prompt"], host_model_files)
     assert "CheckpointLoaderSimple" not in {n["class_type"] for n in prompt.values()}
 
     t0 = time.monotonic()
@@ -448,7 +462,8 @@ def test_workflow_runs_from_frontend_prompt(wf_file, frontend, comfy_server, hos
             assert im.size == (TOY_SIZE, TOY_SIZE), f"{f.name}: {im.size}, expected {TOY_SIZE}x{TOY_SIZE}"
 
     if UPDATE_DOCS:
-        write_thumbnail(wf_file.stem, workflow, entry, comfy_server, input_images)
+        toys = sorted({n["inputs"]["model_name"] for n in prompt.values() if n["class_type"] == "AttnEdit_ToyModelLoader"})
+        write_thumbnail(wf_file.stem, workflow, entry, comfy_server, input_images, toys)
 
 
 def _groups_of(box, groups) -> list[int]:
@@ -535,10 +550,12 @@ THUMB_SIDE = 256
 LABEL_H = 28
 
 
-def write_thumbnail(name: str, workflow: dict, entry: dict, server, input_images: dict) -> None:
+def write_thumbnail(name: str, workflow: dict, entry: dict, server, input_images: dict,
+                    toy_models: list[str] = ()) -> None:
     """workflows/<name>.jpg: the input image (when the workflow loads one) and every saved or previewed image,
     side by side in the workflow's order, each labelled with its node's title, under a caption saying the
-    pictures come from the toy-world model."""
+    pictures come from the toy-world model (and, when it ran a seeded random stand-in, that they show a smoke
+    run, not an edit)."""
     from PIL import Image, ImageDraw
 
     titles = {str(n["id"]): n.get("title") or n["type"] for n in workflow["nodes"]}
@@ -549,6 +566,12 @@ def write_thumbnail(name: str, workflow: dict, entry: dict, server, input_images
             panels.append((titles[node_id], server.base / img.get("type", "output") / img.get("subfolder", "")
                            / img["filename"]))
     caption = f"{name}: toy-world model (no real weights), {SMOKE_STEPS} steps"
+    from attention_edit.toyworld.model import FLOW_RANDOM_FILE_NAME, SD3_RANDOM_FILE_NAME
+
+    random = [m for m in toy_models if m in (FLOW_RANDOM_FILE_NAME, SD3_RANDOM_FILE_NAME)]
+    if random:  # demo_dit_file's untrained stand-ins (toyworld/model.py): their images are noise by design
+        caption = (f"{name}: random-weight toy model {', '.join(random)} (a smoke run, not an edit), "
+                   f"{SMOKE_STEPS} steps")
     width = max(len(panels), 2) * THUMB_SIDE
     sheet = Image.new("RGB", (width, THUMB_SIDE + 2 * LABEL_H), "white")
     draw = ImageDraw.Draw(sheet)
