@@ -302,8 +302,10 @@ def test_a_user_mask_keeps_the_latent_outside_it(run_method, family):
     assert "mask: " in out["report"] and "mask: none" not in out["report"], out["report"]
 
 
-def test_the_instant_mask_on_sd3_confines_the_edit(run_method):
-    out = run_method("sd3", "instant")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_instant_mask_confines_the_edit(run_method, family):
+    # On the toy Flux the prompt is the toy CLIP's tokens (no T5): the words are read there, start token first.
+    out = run_method(family, "instant")
     text = out["report"]
     assert "mask: instant mask (InstDiffEdit), covers" in text, text
     assert set(np.unique(out["mask"])) <= {0.0, 1.0}
@@ -330,6 +332,36 @@ def test_inversion_reconstruct_gives_back_the_input_latent(comfy_server, host_mo
     inp, out = saved_latent(comfy_server, entry, "7"), saved_latent(comfy_server, entry, "16")
     assert out.shape == inp.shape
     assert rms(out - inp) < SAME * rms(inp), rms(out - inp) / rms(inp)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_regulation_changes_a_generation_and_only_while_on(comfy_server, host_model_files, defaults,
+                                                                     required_inputs, family):
+    """Attention Regulation before a stock KSampler: the same seed draws a different image with it (the window
+    covers the first half of the steps), and the same image again when its window is empty (end_percent 0)."""
+    name = host_model_files[FAMILIES[family]]
+    prompt = "a large red circle on the left and a small blue square on the right on a white background"
+    outputs = {}
+    for label, end in (("on", 0.5), ("off", 0.0), ("plain", None)):
+        g = Prompt(defaults, required_inputs)
+        add = g.add
+        add("1", "AttnEdit_ToyModelLoader", model_name=name)
+        add("2", "CLIPTextEncode", text=prompt, clip=["1", 1])
+        add("3", "CLIPTextEncode", text="", clip=["1", 1])
+        add("4", "EmptyLatentImage", width=IMAGE_SIDE, height=IMAGE_SIDE, batch_size=1)
+        model = ["1", 0]
+        if end is not None:
+            add("5", "AttnEdit_AttentionRegulation", model=["1", 0], clip=["1", 1], prompt=prompt,
+                target_words="circle, square", end_percent=end)
+            model = ["5", 0]
+        add("6", "KSampler", model=model, positive=["2", 0], negative=["3", 0], latent_image=["4", 0], seed=3,
+            steps=STEPS, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+        add("7", "SaveLatent", samples=["6", 0], filename_prefix=f"dit_{family}_regulation_{label}")
+        entry = comfy_server.run(g, timeout=300)
+        outputs[label] = saved_latent(comfy_server, entry, "7")
+    scale = rms(outputs["plain"])
+    assert rms(outputs["on"] - outputs["plain"]) > MOVED * scale
+    assert rms(outputs["off"] - outputs["plain"]) < SAME * scale
 
 
 def test_instant_mask_estimate_on_flux_is_refused_before_compute(comfy_server, host_model_files, input_images,
