@@ -294,17 +294,34 @@ def run(rec, model_path, **options) -> None:
         measure(rec, model_path, **options)
 
 
+# The edit methods that run on the toy flow world's DiT (Flux-shaped): FPE's map-size variant is a UNet layer rule,
+# and the paper's InstDiffEdit path (Instant Mask Estimate) is UNet-only.
+FLOW_METHODS = ("ddim", "fpe", "masactrl", "uam", "uam_pinned", "uam_unchanged", "instdiffedit")
+FLOW_PREFIX = "toyflow."  # the toy flow world's metrics: the toy world's names under this prefix
+
+
+def is_flow_world(model_path) -> bool:
+    from attention_edit.toyworld import model as toymodel
+
+    return toymodel.read_toy_metadata(model_path)[0].family == toymodel.FLUX
+
+
 def open_world(rec, model_path, steps: int):
     """The toy world, and `add(metric, value, unit, lower_is_better=False, steps_=steps, **extra)` recording a
-    metric of it (the model's name, the resolution and the steps filled in)."""
+    metric of it (the model's name, the resolution and the steps filled in). On the toy flow world every
+    "toyworld." metric is recorded as "toyflow."."""
     from attention_edit.toyworld import model as toymodel
 
     world = World(model_path, steps)
-    _, info = toymodel.read_toy_metadata(model_path)
-    name = f"toy world ({model_path.name}{'' if info.get('trained') else ', untrained'})"
+    config, info = toymodel.read_toy_metadata(model_path)
+    flow = config.family == toymodel.FLUX
+    kind = "toy flow world, Flux-shaped DiT" if flow else "toy world"
+    name = f"{kind} ({model_path.name}{'' if info.get('trained') else ', untrained'})"
     resolution = "128px (latent 16x16)"
 
     def add(metric, value, unit, lower_is_better=False, steps_=steps, **extra):
+        if flow and metric.startswith("toyworld."):
+            metric = FLOW_PREFIX + metric[len("toyworld."):]
         rec.add(metric, value, unit, lower_is_better, name, resolution, steps_, **extra)
 
     return world, add
@@ -316,6 +333,9 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     from toyworld import evaluate, scenes
 
     world, add = open_world(rec, model_path, steps)
+    if is_flow_world(model_path):
+        methods = [m for m in (methods or FLOW_METHODS) if m in FLOW_METHODS]
+        n_attention = 0  # evaluate.attention_concentration reads the UNet's cross-attention layers
     started = time.perf_counter()
     held_out = scenes.make_dataset(1, n_recon, "test")
     recon = reconstruction(world, held_out)
@@ -330,7 +350,8 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     pairs = scenes.make_edit_pairs(0, n_per_kind, split="test", kinds=kinds or scenes.EDIT_KINDS)
     rows = edits(world, pairs, methods)
     record_edits(add, rows)
-    for metric, method in (("instant", "instdiffedit"), ("adaptive", "uam"), ("adaptive_pinned", "uam_pinned"),
+    for metric, method in (("instant", "instdiffedit"), ("instant_estimate", "instdiffedit_paper"), ("adaptive", "uam"),
+                           ("adaptive_pinned", "uam_pinned"),
                            ("adaptive_unchanged", "uam_unchanged")):
         values = [r["mask_iou"] for r in rows if r["method"] == method and "mask_iou" in r]
         if values:

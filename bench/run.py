@@ -1,11 +1,15 @@
 """`make bench`: run the benchmarks and write bench/results/<device>.json.
 
-    python -m bench.run [--device cpu|cuda] [--only perf regulation quality probes] [--repeats 5] [--model FILE]
+    python -m bench.run [--device cpu|cuda] [--only SUITE ...] [--repeats 5] [--model FILE] [--flow-model FILE]
 
-perf and regulation time the full-size SD1.5 architecture; quality measures edits on the toy world
+Suites: perf dit_perf regulation quality probes flow_quality (default: all).
+
+perf and regulation time the full-size SD1.5 architecture; dit_perf the Flux.1 and SD3.5 architectures
+(bench/dit_perf.py); quality measures edits on the toy world
 (models/toyworld.safetensors, CPU always: the toy model is tiny); probes runs the FPE paper's probes on it
 (per layer, how much of the source layout swapping in its self-attention restores; per word, where its
-cross-attention goes: bench/probes.py).
+cross-attention goes: bench/probes.py); flow_quality measures the same edits on the toy flow world
+(models/toyflow.safetensors, a Flux-shaped DiT, `python -m toyworld.train --stage flow`), recorded as toyflow.*.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ import time
 
 from .common import REPO, Recorder, setup
 
-SUITES = ("perf", "regulation", "quality", "probes")
+SUITES = ("perf", "dit_perf", "regulation", "quality", "probes", "flow_quality")
 
 
 def suite_of(metric: str) -> str:
+    if metric.startswith("toyflow."):
+        return "flow_quality"
+    if metric.startswith(("flux.", "sd35.")):
+        return "dit_perf"
     if metric.startswith("toyworld.probe."):
         return "probes"
     if metric.startswith("toyworld."):
@@ -38,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="result file (default bench/results/<device>.json)")
     parser.add_argument("--model", default=None, help="toy-world model file for the quality suite "
                         "(default models/toyworld.safetensors)")
+    parser.add_argument("--flow-model", default=None, help="toy flow world model file for the flow_quality suite "
+                        "(default models/toyflow.safetensors)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models, 2 steps, 1 repeat: checks the benchmarks run (CI); numbers mean nothing")
     args = parser.parse_args(argv)
@@ -56,6 +66,13 @@ def main(argv=None) -> int:
             perf.run(rec, args.device, steps=2, latent_side=16, edit_latent_side=16, repeats=1, family="sd15")
         else:
             perf.run(rec, args.device, repeats=args.repeats)
+    if "dit_perf" in args.only:
+        from . import dit_perf
+
+        if args.smoke:
+            dit_perf.run(rec, args.device, steps=2, latent_side=16, repeats=1, smoke=True)
+        else:
+            dit_perf.run(rec, args.device, repeats=args.repeats)
     if "regulation" in args.only:
         from . import regulation
 
@@ -78,6 +95,20 @@ def main(argv=None) -> int:
                         gen_steps=3, kinds=("recolour", "remove"))
         else:
             quality.run(rec, model)
+    if "flow_quality" in args.only:
+        from attention_edit.toyworld import model as toymodel
+
+        from . import quality
+
+        flow = type(REPO)(args.flow_model) if args.flow_model else REPO / "models" / toymodel.TRAINED_FLOW_FILE_NAME
+        if not flow.is_file():
+            parser.error(f"the flow_quality suite needs the toy flow world: {flow} does not exist "
+                         "(train it with python -m toyworld.train --stage flow)")
+        if args.smoke:
+            quality.run(rec, flow, steps=4, n_recon=1, n_per_kind=1, n_gen=2, n_attention=0, n_regulation=1,
+                        gen_steps=3, kinds=("recolour", "remove"))
+        else:
+            quality.run(rec, flow)
     if "probes" in args.only:
         from . import probes
 

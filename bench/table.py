@@ -59,10 +59,15 @@ def _source(records: list[dict]) -> str:
     return f"{first['device']}, torch {first['torch']}, commit {first['commit']}, {first['date']}"
 
 
-def quality_tables(records: list[dict]) -> list[str]:
-    records = [r for r in records if r["metric"].startswith("toyworld.") and not r["metric"].startswith(PROBE)]
+WORLDS = {"toyworld.": "Quality on the toy world", "toyflow.": "Quality on the toy flow world (Flux-shaped DiT)"}
+
+
+def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
+    """The quality tables of one world: its records ("toyworld." or "toyflow.") read under the toy world's names."""
+    records = [{**r, "metric": "toyworld." + r["metric"][len(prefix):]} for r in records
+               if r["metric"].startswith(prefix) and not r["metric"].startswith(PROBE)]
     by = {r["metric"]: r for r in records}
-    if not any(m.startswith("toyworld.") for m in by):
+    if not by:
         return []
 
     def value(metric: str) -> str:
@@ -70,7 +75,7 @@ def quality_tables(records: list[dict]) -> list[str]:
         return "n/a" if r is None else _fmt(r["value"], r["unit"])
 
     model = next(r for r in records if r["metric"].startswith("toyworld."))["model"]
-    lines = [f"**Quality on the toy world** ({model}; {_source(records)}):", ""]
+    lines = [f"**{WORLDS[prefix]}** ({model}; {_source(records)}):", ""]
     lines += ["| Reconstruction | PSNR dB | SSIM |", "|---|---|---|"]
     for key, label in RECON_VARIANTS.items():
         if f"toyworld.recon_psnr_db.{key}" in by:
@@ -103,7 +108,8 @@ def quality_tables(records: list[dict]) -> list[str]:
               "outside the ground-truth edit mask. Per edit kind in the last columns, in place / lenient.)", ""]
     rows = [("Background PSNR dB of the source's VAE round trip (ceiling)", "toyworld.background_psnr_db.vae_round_trip"),
             ("Background SSIM of the source's VAE round trip (ceiling)", "toyworld.background_ssim.vae_round_trip"),
-            ("Mask IoU, instant (InstDiffEdit)", "toyworld.mask_iou.instant"),
+            ("Mask IoU, instant (InstDiffEdit, in the Edit Sampler)", "toyworld.mask_iou.instant"),
+            ("Mask IoU, Instant Mask Estimate (InstDiffEdit paper path)", "toyworld.mask_iou.instant_estimate"),
             ("Mask IoU, adaptive (UAM, edit-region dilation)", "toyworld.mask_iou.adaptive"),
             ("Mask IoU, adaptive (UAM, unchanged-region dilation)", "toyworld.mask_iou.adaptive_unchanged"),
             ("Generation attribute accuracy (held-out captions)", "toyworld.gen_attribute_accuracy"),
@@ -167,7 +173,7 @@ def probe_tables(records: list[dict]) -> list[str]:
 
 def perf_table(records: list[dict]) -> list[str]:
     """The speed records, one table per run that measured them (a run of some suites keeps the others')."""
-    chosen = [r for r in records if not r["metric"].startswith("toyworld.")]
+    chosen = [r for r in records if not r["metric"].startswith(tuple(WORLDS))]
     runs: dict[str, list[dict]] = {}
     for r in chosen:
         runs.setdefault(_source([r]), []).append(r)
@@ -191,7 +197,8 @@ def tables(files: list[pathlib.Path]) -> str:
         records = json.loads(path.read_text())
         if not records:
             continue
-        for lines in (quality_tables(records), probe_tables(records), perf_table(records)):
+        for lines in (quality_tables(records), quality_tables(records, "toyflow."), probe_tables(records),
+                      perf_table(records)):
             if lines:
                 blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -17,6 +17,9 @@ def test_smoke_run_writes_every_metric_in_the_record_format(tmp_path):
     assert {"inversion.cost_ratio_vs_stock", "inversion.pinned_recon_max_abs_err", "uniform.overhead_ratio",
             "injection.overhead_ratio", "edit.cost_ratio_vs_generation", "mask.instant_overhead_ratio",
             "mask.adaptive_overhead_ratio", "memory.edit_peak_ratio_vs_generation"} <= metrics
+    assert {f"{family}.{m}" for family in ("flux", "sd35") for m in
+            ("inversion.cost_ratio_vs_stock", "edit.cost_ratio_vs_generation", "override.overhead_ratio")} <= metrics
+    assert any(m.startswith("toyflow.") for m in metrics)  # the toy flow world's quality suite ran too
     assert all(isinstance(r["value"], float) and r["value"] == r["value"] for r in records)  # no NaN
     assert next(r for r in records if r["metric"] == "inversion.pinned_recon_max_abs_err")["value"] <= 1e-4
 
@@ -49,6 +52,21 @@ def test_quality_smoke_runs_every_method_on_the_trained_toy_model(tmp_path):
         lenient = metric.replace("edit_success_rate", "edit_success_rate_lenient")
         assert by[metric]["value"] <= by[lenient]["value"] + 1e-9, metric
     assert not any(m.startswith("toyworld.probe.") for m in by)  # the probes are their own suite
+
+
+def test_flow_quality_smoke_runs_the_dit_methods_on_the_toy_flow_world(tmp_path):
+    from bench import quality
+
+    out = tmp_path / "flow.json"
+    assert run.main(["--smoke", "--only", "flow_quality", "--output", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert all(REQUIRED <= set(r) for r in records)
+    assert all(r["metric"].startswith("toyflow.") and r["value"] == r["value"] for r in records)
+    by = {r["metric"]: r for r in records}
+    assert {"toyflow." + m[len("toyworld."):] for m in QUALITY if "instant" not in m} <= set(by)
+    assert {f"toyflow.edit_success_rate.{m}" for m in quality.FLOW_METHODS} <= set(by)
+    assert "Flux-shaped DiT" in by["toyflow.edit_success_rate"]["model"]
+    assert abs(by["toyflow.recon_psnr_db.pinned"]["value"] - by["toyflow.recon_psnr_db.vae"]["value"]) < 0.05
 
 
 def test_probes_smoke_swaps_self_attention_one_layer_at_a_time(tmp_path):
