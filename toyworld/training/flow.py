@@ -28,7 +28,7 @@ from attention_edit.toyworld import model as toymodel
 from .attention import grounding_loss
 from .data import train_scenes
 from .files import save_model
-from .optim import Budget, adamw, lr_at
+from .optim import Budget, adamw, lr_at, zero_layers
 from .settings import TrainSettings
 from .tokens import CaptionTokens
 from .unet import LatentPool
@@ -54,12 +54,7 @@ def zero_init_modulations(dit: torch.nn.Module) -> int:
     for name, m in dit.named_modules():
         if name.endswith(("_mod.lin", "modulation.lin")):
             targets.append(m)
-    with torch.no_grad():
-        for t in targets:
-            t.weight.zero_()
-            if t.bias is not None:
-                t.bias.zero_()
-    return len(targets)
+    return zero_layers(targets)
 
 
 class JointAttentionRecorder:

@@ -27,6 +27,18 @@ def lr_at(progress: float, step: int, peak: float, warmup: int, min_fraction: fl
     return peak * warm * cosine
 
 
+@torch.no_grad()
+def zero_layers(layers) -> int:
+    """Zero the weights and biases of `layers` (the zero-initialised outputs of openaimodel and adaLN-zero);
+    returns how many."""
+    layers = list(layers)
+    for layer in layers:
+        layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
+    return len(layers)
+
+
 class Budget:
     """Progress of a stage: the larger of steps done / step cap and time used / time budget."""
 

@@ -21,7 +21,7 @@ from .. import scenes
 from .attention import AttentionRecorder, grounding_loss, sdpa_override
 from .data import MAX_OBJECTS, render_batch, take, train_scenes
 from .files import save_model
-from .optim import Budget, adamw, lr_at
+from .optim import Budget, adamw, lr_at, zero_layers
 from .settings import TrainSettings
 from .tokens import OBJECT_WORD_SLOTS, CaptionTokens
 from .vae import encode_means
@@ -59,12 +59,7 @@ def zero_init_residual_outputs(unet: torch.nn.Module) -> int:
             targets.append(m.out_layers[-1])
         elif isinstance(m, SpatialTransformer):
             targets.append(m.proj_out)
-    with torch.no_grad():
-        for t in targets:
-            t.weight.zero_()
-            if t.bias is not None:
-                t.bias.zero_()
-    return len(targets)
+    return zero_layers(targets)
 
 
 class LatentPool:
