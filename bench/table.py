@@ -76,6 +76,9 @@ def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
 
     model = next(r for r in records if r["metric"].startswith("toyworld."))["model"]
     lines = [f"**{WORLDS[prefix]}** ({model}; {_source(records)}):", ""]
+    if prefix != "toyworld.":  # the rows keep the UNet world's names
+        lines += ["(On this flow model \"DDIM\" is the pack's inversion node: the Euler step of the rectified-flow "
+                  "ODE, the same sigma-space step.)", ""]
     lines += ["| Reconstruction | PSNR dB | SSIM |", "|---|---|---|"]
     for key, label in RECON_VARIANTS.items():
         if f"toyworld.recon_psnr_db.{key}" in by:
