@@ -34,10 +34,10 @@ import comfy.patcher_extension
 import torch
 
 from ..attention.dit_blocks import dit_block_selected, parse_dit_block_spec
-from ..attention.regulation import RegulationParams, gaussian_basis, layer_seed, regulate_joint
+from ..attention.regulation import RegulationParams, layer_seed, regulate_joint
 from . import tokens
 from .dit import FLUX, add_dit_attention, dit_blocks, dit_family
-from .regulation import DEFAULT_BLOCKS, _RunState  # the UNet side's per-run state: the same moving average
+from .regulation import DEFAULT_BLOCKS, _RunState, _RunTensors  # the UNet side's per-run state and tensors
 
 log = logging.getLogger("attention_edit")
 
@@ -92,20 +92,7 @@ def apply_attention_regulation_dit(model, plan, end_percent: float = 0.5,
     selected = frozenset((b.kind, b.index) for b in chosen)
     m = model.clone()
     state = _RunState()
-    cache: dict = {}
-
-    def tensors(device):
-        key = ("positions", str(device))
-        if key not in cache:
-            cache[key] = ([torch.tensor(g, dtype=torch.long, device=device) for g in groups_pos],
-                          torch.tensor(keep_pos, dtype=torch.long, device=device))
-        return cache[key]
-
-    def basis_for(hw, device):
-        key = (hw, str(device))
-        if key not in cache:
-            cache[key] = gaussian_basis(hw[0], hw[1], device=device)
-        return cache[key]
+    made = _RunTensors(lambda length: (groups_pos, keep_pos))  # positions among the text tokens, any length
 
     def regulated_joint_attention(call, q, k, v, previous, source):
         if not call.joint or call.step is None or not call.step[0] < end_percent * call.step[1]:
@@ -119,13 +106,13 @@ def apply_attention_regulation_dit(model, plan, end_percent: float = 0.5,
                              f"this model call has {n_txt} text tokens: the conditioning does not come from the "
                              f"prompt the words were found in (or its text encoder has no CLIP-L / CLIP-G)")
         step = call.step[0]
-        groups, keep = tensors(q.device)
+        groups, keep = made.positions(n_txt, q.device)
         out = previous(q, k, v).clone()
         r = torch.as_tensor(rows, dtype=torch.long, device=q.device)
         key = call.block
         new, best = regulate_joint(previous, q[r][:, :, call.img], k[r], v[r], call.txt, groups, keep,
                                    call.map_hw, step, state.previous(key, step), params,
-                                   basis=basis_for(call.map_hw, q.device), seed=layer_seed(key, step))
+                                   basis=made.basis(call.map_hw, q.device), seed=layer_seed(key, step))
         state.store(key, step, best)
         out[r, :, call.img] = new.to(out.dtype)
         return out

@@ -153,6 +153,30 @@ def regulation_layers(model, blocks: str = DEFAULT_BLOCKS, map_side: float = DEF
     return chosen
 
 
+class _RunTensors:
+    """The tensors every regulated call of a model reuses, made once per device: the target and kept token
+    positions (per context length: a UNet's context may be a multiple of 77 tokens) and the Gaussian basis of
+    each map size. `positions_for(length)` gives the positions as lists."""
+
+    def __init__(self, positions_for):
+        self.positions_for = positions_for
+        self.made: dict[tuple, object] = {}
+
+    def positions(self, length: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        key = ("positions", length, str(device))
+        if key not in self.made:
+            groups, keep = self.positions_for(length)
+            self.made[key] = ([torch.tensor(g, dtype=torch.long, device=device) for g in groups],
+                              torch.tensor(keep, dtype=torch.long, device=device))
+        return self.made[key]
+
+    def basis(self, hw: tuple[int, int], device) -> torch.Tensor:
+        key = ("basis", hw, str(device))
+        if key not in self.made:
+            self.made[key] = gaussian_basis(hw[0], hw[1], device=device)
+        return self.made[key]
+
+
 class _RunState:
     """Per layer, what `regulate` returned at the previous step (that step's optimum, which the official
     code's moving average mixes in), for one sampling run: reset by an OUTER_SAMPLE wrapper when a run
@@ -203,22 +227,7 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
         return model
     m = model.clone()
     state = _RunState()
-    positions: dict[tuple, tuple] = {}
-    bases: dict[tuple, torch.Tensor] = {}
-
-    def context_positions(length: int, device):
-        key = (length, str(device))
-        if key not in positions:
-            groups, keep = plan.context_positions(length)
-            positions[key] = ([torch.tensor(g, dtype=torch.long, device=device) for g in groups],
-                              torch.tensor(keep, dtype=torch.long, device=device))
-        return positions[key]
-
-    def basis_for(hw, device):
-        key = (hw, str(device))
-        if key not in bases:
-            bases[key] = gaussian_basis(hw[0], hw[1], device=device)
-        return bases[key]
+    made = _RunTensors(plan.context_positions)
 
     def regulated_cross_attention(call, q, k, v, previous, source):
         if call.step is None or not call.step[0] < end_percent * call.step[1]:
@@ -227,12 +236,12 @@ def apply_attention_regulation(model, plan: TokenPlan | None, end_percent: float
         rows = call.cond_rows()
         if not rows or call.map_hw is None:
             return previous(q, k, v)
-        groups, keep = context_positions(k.shape[1], q.device)
+        groups, keep = made.positions(k.shape[1], q.device)
         if k.shape[0] != q.shape[0]:
             k, v = k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1)
         index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
         out_rows, bias = regulate(q[index], k[index], v[index], call.heads, groups, keep, call.map_hw, step,
-                                  state.previous(call.block, step), params, basis=basis_for(call.map_hw, q.device),
+                                  state.previous(call.block, step), params, basis=made.basis(call.map_hw, q.device),
                                   seed=layer_seed(call.block, step))
         state.store(call.block, step, bias)
         if len(rows) == q.shape[0]:
