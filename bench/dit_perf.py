@@ -9,8 +9,8 @@ Three ratios per family, each of wall times measured interleaved in one process 
 * ``<family>.override.overhead_ratio``: stock sampling of a model carrying the pack's attention override (an FPE
   patch, outside any edit run: no method active) against the unpatched model.
 
-Flux.1's full depth (19 double + 38 single blocks, 12 B parameters) needs 48 GB in float32: on a machine with less
-memory the run keeps Flux's block widths and takes fewer blocks (`flux_blocks`), and says so in the model name.
+Flux.1's full depth (19 double + 38 single blocks, 12 B parameters) needs 48 GB in float32: on a machine (or, with
+--device cuda, a GPU) with less memory the run keeps Flux's block widths and takes fewer blocks (`flux_blocks`), and says so in the model name.
 """
 
 from __future__ import annotations
@@ -19,12 +19,19 @@ FLUX_FULL_BLOCKS = (19, 38)
 FLUX_FULL_BYTES = 12e9 * 4 * 1.15  # float32 weights plus activations and the host's copies
 
 
-def _flux_blocks(requested: tuple[int, int] | None) -> tuple[int, int]:
+def _flux_blocks(requested: tuple[int, int] | None, device: str) -> tuple[int, int]:
+    """The Flux blocks to time: the full depth where the memory that holds the weights allows (the system's, and on
+    CUDA the GPU's as well: the model is built in system memory, then loaded onto the GPU), else 2 + 4."""
     if requested is not None:
         return requested
     import psutil
 
-    return FLUX_FULL_BLOCKS if psutil.virtual_memory().total > FLUX_FULL_BYTES else (2, 4)
+    memory = psutil.virtual_memory().total
+    if device == "cuda":
+        import torch
+
+        memory = min(memory, torch.cuda.get_device_properties(0).total_memory)
+    return FLUX_FULL_BLOCKS if memory > FLUX_FULL_BYTES else (2, 4)
 
 
 def run(rec, device: str, steps: int = 4, latent_side: int = 16, repeats: int = 3, families=("flux", "sd35"),
@@ -32,7 +39,7 @@ def run(rec, device: str, steps: int = 4, latent_side: int = 16, repeats: int = 
     import gc
 
     for family in families:
-        _run_family(rec, family, steps, latent_side, repeats, _flux_blocks(flux_blocks), tokens, smoke)
+        _run_family(rec, family, steps, latent_side, repeats, _flux_blocks(flux_blocks, device), tokens, smoke)
         gc.collect()
 
 
