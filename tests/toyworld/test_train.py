@@ -268,3 +268,23 @@ def test_importing_the_trainer_sets_nothing_up():
     repo = pathlib.Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_finetune_starts_from_the_init_weights_at_a_new_image_size(trained_file, tmp_path):
+    """--stage unet --finetune --image-size: the UNet and text encoder are --init's (not re-initialised, not
+    zeroed), the VAE too, and the file records the new size; with no steps the weights come back unchanged."""
+    from toyworld.training import cli
+
+    out = tmp_path / "fine.safetensors"
+    assert cli.main(["--stage", "unet", "--finetune", "--init", str(trained_file), "--image-size", str(2 * IMAGE),
+                     "--out", str(out), "--state", str(tmp_path / "state.pt"), "--unet-steps", "0", "--pool", "8",
+                     "--refresh", "1", "--minutes", "5"]) == 0
+    config, info = toymodel.read_toy_metadata(out)
+    assert config.image_size == 2 * IMAGE and config.unet["image_size"] == 2 * IMAGE // 8
+    assert info["finetuned_from"] == {"file": str(trained_file), "image_size": IMAGE, "unet": 3}
+    _, before = toymodel.load_toy_state_dict(trained_file)
+    _, after = toymodel.load_toy_state_dict(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        cli.main(["--stage", "unet", "--finetune", "--init", str(trained_file), "--image-size", "100",
+                  "--out", str(out), "--unet-steps", "0"])

@@ -45,6 +45,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--init", type=pathlib.Path, default=None, help="--stage unet: file with the trained VAE (default --out)")
     p.add_argument("--state", type=pathlib.Path, default=DEFAULT_STATE, help="fp32 training state for --resume")
     p.add_argument("--resume", action="store_true", help="--stage unet: continue from --state")
+    p.add_argument("--finetune", action="store_true",
+                   help="--stage unet: start the UNet and text encoder from --init's weights too (not only its VAE)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="--stage unet: pixel size of the scenes (default: --init's; 256 gives 32x32 latents)")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--log-every", type=int, default=20)
@@ -98,15 +102,25 @@ def _from_init(args: argparse.Namespace, settings: TrainSettings,
         raise SystemExit(f"--stage unet needs a file with the trained VAE: {init} does not exist (run --stage vae)")
     config, state_dict = toymodel.load_toy_state_dict(init)
     _, init_info = toymodel.read_toy_metadata(init)
+    init_size = config.image_size
+    if args.image_size is not None:
+        if args.image_size % 32:  # 8x the VAE's factor, so that the UNet's three levels divide evenly
+            raise SystemExit(f"--image-size {args.image_size} must be a multiple of 32")
+        config.image_size = args.image_size
+        config.vae["resolution"] = args.image_size  # informational, as in the default config
+        config.unet["image_size"] = args.image_size // 8
     model, clip, vae = toymodel.build_toy(config, seed=settings.seed)
     trained = toymodel.build_toy(config, state_dict)
     vae = trained[2]
-    if args.resume:
+    if args.resume or args.finetune:
         model, clip = trained[0], trained[1]
     if "vae" in init_info:
         info["vae"] = init_info["vae"]
     info["latent_scale_factor"] = config.latent_scale_factor
     info["init"] = str(init)
+    if args.finetune:
+        info["finetuned_from"] = {"file": str(init), "image_size": init_size,
+                                  "unet": init_info.get("unet", {}).get("steps")}
     return config, model, clip, vae
 
 
@@ -147,7 +161,8 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> i
             return 0
         budget = Budget(max(remaining, 1.0), args.unet_steps)
         run_unet_stage(config, model, clip, vae, settings, budget, device, args.out, info, args.state,
-                       resume=args.resume, checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every)
+                       resume=args.resume, checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every,
+                       finetune=args.finetune)
     log.info("done in %.1f min -> %s", (time.perf_counter() - started) / 60, args.out)
     print(json.dumps({k: info[k] for k in ("latent_scale_factor",) if k in info}))
     return 0

@@ -53,8 +53,8 @@ class Budget:
 
     def progress(self, step: int) -> float:
         p = 0.0
-        if self.steps:
-            p = max(p, step / self.steps)
+        if self.steps is not None:
+            p = max(p, step / self.steps if self.steps else 1.0)  # a cap of 0 steps: nothing to do
         if self.seconds:
             p = max(p, self.elapsed() / self.seconds)
         return p

@@ -294,14 +294,15 @@ def _logged_record(window: list[dict[str, float]], steps: int, lr: float, second
 
 def run_unet_stage(config: toymodel.ToyConfig, model, clip, vae, settings: TrainSettings, budget: Budget,
                    device: torch.device, out: pathlib.Path, info: dict[str, Any], state_path: pathlib.Path | None,
-                   resume: bool = False, checkpoint_minutes: float = 10.0, log_every: int = 20) -> dict[str, Any]:
+                   resume: bool = False, checkpoint_minutes: float = 10.0, log_every: int = 20,
+                   finetune: bool = False) -> dict[str, Any]:
     """Train UNet + text encoder on the frozen VAE's latents; writes `out` periodically and at the end."""
     vae.first_stage_model.to(device)
     for p in vae.first_stage_model.parameters():
         p.requires_grad_(False)
     model.model.latent_format.scale_factor = config.latent_scale_factor
     tokens = CaptionTokens(clip)
-    if settings.zero_init and not resume:
+    if settings.zero_init and not (resume or finetune):  # zeroing trained weights would undo them
         zero_init_residual_outputs(model.model.diffusion_model)
     trainer = UNetTrainer(model, clip, settings, device)
     generator = torch.Generator().manual_seed(settings.seed * 1000 + 2)
