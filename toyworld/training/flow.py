@@ -28,7 +28,7 @@ from attention_edit.toyworld import model as toymodel
 from .attention import grounding_loss
 from .data import train_scenes
 from .files import save_model
-from .optim import Budget, adamw, lr_at, zero_layers
+from .optim import Budget, adamw, ema_swap, ema_update, lr_at, zero_layers
 from .settings import TrainSettings
 from .tokens import CaptionTokens
 from .unet import LatentPool
@@ -166,21 +166,13 @@ class FlowTrainer:
         self.optimizer.step()
         self.dit.eval()
         self.steps += 1
-        with torch.no_grad():
-            decay = min(self.settings.ema_decay, (1.0 + self.steps) / (10.0 + self.steps))
-            live = self.dit.state_dict()
-            torch._foreach_lerp_([self.ema[k] for k in self.ema], [live[k] for k in self.ema], 1.0 - decay)
+        ema_update(self.ema, self.dit.state_dict(), self.settings.ema_decay, self.steps)
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["grad_norm"] = float(grad_norm)
         return out
 
-    @torch.no_grad()
     def swap_ema(self) -> None:
-        live = self.dit.state_dict()
-        for k, ema in self.ema.items():
-            kept = live[k].detach().clone()
-            live[k].copy_(ema)
-            ema.copy_(kept)
+        ema_swap(self.ema, self.dit.state_dict())
 
 
 def run_flow_stage(init: pathlib.Path, out: pathlib.Path, settings: TrainSettings, budget: Budget,

@@ -1,9 +1,10 @@
-"""What both stages share: the optimiser, the learning-rate schedule and the stage budget."""
+"""What the stages share: the optimiser, the learning-rate schedule, the EMA of the weights and the stage budget."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -25,6 +26,24 @@ def lr_at(progress: float, step: int, peak: float, warmup: int, min_fraction: fl
     warm = min(1.0, max((step + 1) / max(1, warmup), progress / warmup_progress if warmup_progress else 0.0))
     cosine = min_fraction + (1.0 - min_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
     return peak * warm * cosine
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], live: Mapping[str, torch.Tensor], decay: float, step: int) -> None:
+    """Move the EMA towards the live tensors (same names), with the usual warm-up: the decay is
+    ``min(decay, (1 + step) / (10 + step))``, so the first steps' weights do not linger."""
+    decay = min(decay, (1.0 + step) / (10.0 + step))
+    names = list(ema)
+    torch._foreach_lerp_([ema[n] for n in names], [live[n].detach() for n in names], 1.0 - decay)
+
+
+@torch.no_grad()
+def ema_swap(ema: dict[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> None:
+    """Exchange the live tensors' values and the EMA's (a second call undoes it): the trainers save the EMA."""
+    for name, shadow in ema.items():
+        kept = live[name].detach().clone()
+        live[name].detach().copy_(shadow)
+        shadow.copy_(kept)
 
 
 @torch.no_grad()

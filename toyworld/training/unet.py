@@ -21,7 +21,7 @@ from .. import scenes
 from .attention import AttentionRecorder, grounding_loss, sdpa_override
 from .data import MAX_OBJECTS, render_batch, take, train_scenes
 from .files import save_model
-from .optim import Budget, adamw, lr_at, zero_layers
+from .optim import Budget, adamw, ema_swap, ema_update, lr_at, zero_layers
 from .settings import TrainSettings
 from .tokens import OBJECT_WORD_SLOTS, CaptionTokens
 from .vae import encode_means
@@ -228,19 +228,12 @@ class UNetTrainer:
         out["grad_norm"] = float(grad_norm)
         return out
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        decay = min(self.settings.ema_decay, (1.0 + self.steps) / (10.0 + self.steps))
-        names, live = zip(*[(name, t.detach()) for name, t in self._trained_tensors()])
-        torch._foreach_lerp_([self.ema[n] for n in names], list(live), 1.0 - decay)
+        ema_update(self.ema, dict(self._trained_tensors()), self.settings.ema_decay, self.steps)
 
-    @torch.no_grad()
     def swap_ema(self) -> None:
         """Exchange the live weights and the EMA weights (call twice to undo)."""
-        for name, t in self._trained_tensors():
-            live = t.detach().clone()
-            t.data.copy_(self.ema[name])
-            self.ema[name].copy_(live)
+        ema_swap(self.ema, dict(self._trained_tensors()))
 
     def state(self) -> dict[str, Any]:
         return {"unet": self.unet.state_dict(), "text": self.text.state_dict(), "ema": self.ema,
