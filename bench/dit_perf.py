@@ -10,7 +10,8 @@ Three ratios per family, each of wall times measured interleaved in one process 
   patch, outside any edit run: no method active) against the unpatched model.
 
 Flux.1's full depth (19 double + 38 single blocks, 12 B parameters) needs 48 GB in float32: on a machine (or, with
---device cuda, a GPU) with less memory the run keeps Flux's block widths and takes fewer blocks (`flux_blocks`), and says so in the model name.
+--device cuda, a GPU) with less memory the run keeps Flux's block widths and takes fewer blocks (`flux_blocks`), and
+says so in the model name.
 """
 
 from __future__ import annotations

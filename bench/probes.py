@@ -93,7 +93,7 @@ def layout_runs(world: World, pairs: Sequence) -> list[dict[str, Any]]:
                 ALL_LAYERS: fpe_on(world.model, None), FPE_DEFAULT: fpe_on(world.model, None, 0.5)}
     rows = []
     for n, pair in enumerate(pairs):
-        source_image, target_image = scenes.render(pair.source)[0], scenes.render(pair.target)[0]
+        source_image, target_image = scenes.render(pair.source, pair.size)[0], scenes.render(pair.target, pair.size)[0]
         latent = world.encode(source_image)
         for variant, model in variants.items():
             spec = {"model": model, "invert": "empty", "strength": 1.0, "source": "empty"}
@@ -143,8 +143,8 @@ def measure(rec, model_path, steps: int = 50, n_per_kind: int = 1, n_attention: 
 
     world, add = open_world(rec, model_path, steps)
     started = time.perf_counter()
-    sides = map_sides(world, scenes.REFERENCE_SIZE)
-    pairs = scenes.make_edit_pairs(0, n_per_kind, split="test", kinds=kinds)
+    sides = map_sides(world, world.size)
+    pairs = scenes.make_edit_pairs(0, n_per_kind, world.size, split="test", kinds=kinds)
     shares = restored_shares(layout_runs(world, pairs))
     labels = {layer_name(k): k for k in transformer_blocks(world.model)}
     for variant, entry in shares.items():
@@ -165,7 +165,7 @@ def measure(rec, model_path, steps: int = 50, n_per_kind: int = 1, n_attention: 
     started = time.perf_counter()
     if n_attention:
         att = evaluate.attention_concentration(world.model, world.clip, world.vae,
-                                               evaluate.held_out_scenes(n_attention, seed=1))
+                                               evaluate.held_out_scenes(n_attention, seed=1), image_size=world.size)
         for kind in evaluate.WORD_KINDS:
             entry = att[kind]
             for view, value in entry.items():

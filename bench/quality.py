@@ -36,7 +36,9 @@ classifier that reads attributes back (`toyworld.classifier`).
   the unchanged region), ``instdiffedit``
   (instant mask on the edited words, empty-prompt inversion at strength 0.5).
 * Masks: IoU of the final MASK (> 0.5) with the ground-truth edit mask, on the object edits
-  (recolour, reshape, replace), for the instant and the adaptive mask.
+  (recolour, reshape, replace), for the instant and the adaptive mask; on the one-object scenes among
+  them, how often the mask is empty and how often it is inverted (its complement fits the edit region
+  better than it does).
 * Generation: attribute accuracy of images generated from held-out captions; object-word
   cross-attention mass inside the object; on two-object prompts with and without
   AttnEdit_AttentionRegulation, how often both objects are drawn (each matched by a detection of
@@ -119,7 +121,7 @@ def reconstruction(world: World, scene_list: Sequence) -> dict[str, dict[str, li
         entry["ssim"].append(ssim(image, reference))
 
     for scene in scene_list:
-        image = scenes.render(scene)[0]
+        image = scenes.render(scene, world.size)[0]
         latent = world.encode(image)
         caption = world.cond(scene.caption)
         add("vae", world.decode(latent), image)
@@ -154,8 +156,8 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
     methods = list(table) if methods is None else list(methods)
     rows = []
     for n, pair in enumerate(pairs):
-        source_image = scenes.render(pair.source)[0]
-        target_image = scenes.render(pair.target)[0]
+        source_image = scenes.render(pair.source, pair.size)[0]
+        target_image = scenes.render(pair.target, pair.size)[0]
         latent = world.encode(source_image)
         handles: dict[tuple, Any] = {}  # one inversion per (model, prompt, strength), shared by the methods
         for method in methods:
@@ -184,7 +186,11 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
             if keep_images:
                 row["image"] = image
             if spec.get("mask") is not None and pair.kind in OBJECT_EDITS:
-                row["mask_iou"] = iou(mask[0].cpu().numpy() > MASK_THRESHOLD, pair.edit_mask)
+                chosen = mask[0].cpu().numpy() > MASK_THRESHOLD
+                row["mask_iou"] = iou(chosen, pair.edit_mask)
+                if len(pair.source.objects) == 1:  # the lone-object failures: nothing chosen, or all but the object
+                    row["mask_empty"] = not chosen.any()
+                    row["mask_inverted"] = iou(~chosen, pair.edit_mask) > row["mask_iou"]
             rows.append(row)
         log.info("edit pair %d/%d (%s) done", n + 1, len(pairs), pair.kind)
     return rows
@@ -224,8 +230,9 @@ def regulation_rates(world: World, scene_list: Sequence, steps: int) -> dict[str
         settings.seed = i
         model = run_node(AttentionRegulation, model=world.model, clip=world.clip, prompt=scene.caption,
                          target_words=regulation_targets(scene))[0]
-        plain.append(objects_drawn(scene, evaluate.generate(world.model, world.clip, world.vae, [scene.caption], settings)[0]))
-        regulated.append(objects_drawn(scene, evaluate.generate(model, world.clip, world.vae, [scene.caption], settings)[0]))
+        for chosen, out in ((world.model, plain), (model, regulated)):
+            out.append(objects_drawn(scene, evaluate.generate(chosen, world.clip, world.vae, [scene.caption], settings,
+                                                              world.size)[0]))
     dropped = [r[0] for p, r in zip(plain, regulated) if not p[0]]  # prompts where plain sampling left an object out
     return {"plain": _mean([p[0] for p in plain]), "regulated": _mean([r[0] for r in regulated]),
             "plain_exact": _mean([p[1] for p in plain]), "regulated_exact": _mean([r[1] for r in regulated]),
@@ -300,6 +307,17 @@ FLOW_METHODS = ("ddim", "fpe", "masactrl", "uam", "uam_pinned", "uam_unchanged",
 FLOW_PREFIX = "toyflow."  # the toy flow world's metrics: the toy world's names under this prefix
 
 
+def metric_prefix(config) -> str:
+    """Where a world's metrics live: "toyworld." (the 128-px toy world), "toyworld256." (the same world drawn at
+    256 px, 32x32 latents), "toyflow." (the toy flow world); each under the toy world's metric names."""
+    from attention_edit.toyworld import model as toymodel
+    from toyworld import scenes
+
+    if config.family == toymodel.FLUX:
+        return FLOW_PREFIX
+    return "toyworld." if config.image_size == scenes.REFERENCE_SIZE else f"toyworld{config.image_size}."
+
+
 def is_flow_world(model_path) -> bool:
     from attention_edit.toyworld import model as toymodel
 
@@ -308,20 +326,21 @@ def is_flow_world(model_path) -> bool:
 
 def open_world(rec, model_path, steps: int):
     """The toy world, and `add(metric, value, unit, lower_is_better=False, steps_=steps, **extra)` recording a
-    metric of it (the model's name, the resolution and the steps filled in). On the toy flow world every
-    "toyworld." metric is recorded as "toyflow."."""
+    metric of it (the model's name, the resolution and the steps filled in). Every "toyworld." metric is recorded
+    under the world's `metric_prefix` (on the toy flow world as "toyflow.")."""
     from attention_edit.toyworld import model as toymodel
 
     world = World(model_path, steps)
     config, info = toymodel.read_toy_metadata(model_path)
-    flow = config.family == toymodel.FLUX
-    kind = "toy flow world, Flux-shaped DiT" if flow else "toy world"
+    prefix = metric_prefix(config)
+    kind = "toy flow world, Flux-shaped DiT" if config.family == toymodel.FLUX else "toy world"
     name = f"{kind} ({model_path.name}{'' if info.get('trained') else ', untrained'})"
-    resolution = "128px (latent 16x16)"
+    side = config.image_size // 8
+    resolution = f"{config.image_size}px (latent {side}x{side})"
 
     def add(metric, value, unit, lower_is_better=False, steps_=steps, **extra):
-        if flow and metric.startswith("toyworld."):
-            metric = FLOW_PREFIX + metric[len("toyworld."):]
+        if metric.startswith("toyworld."):
+            metric = prefix + metric[len("toyworld."):]
         rec.add(metric, value, unit, lower_is_better, name, resolution, steps_, **extra)
 
     return world, add
@@ -347,7 +366,7 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     log.info("reconstruction: %.0f s", time.perf_counter() - started)
 
     started = time.perf_counter()
-    pairs = scenes.make_edit_pairs(0, n_per_kind, split="test", kinds=kinds or scenes.EDIT_KINDS)
+    pairs = scenes.make_edit_pairs(0, n_per_kind, world.size, split="test", kinds=kinds or scenes.EDIT_KINDS)
     rows = edits(world, pairs, methods)
     record_edits(add, rows)
     for metric, method in (("instant", "instdiffedit"), ("instant_estimate", "instdiffedit_paper"), ("adaptive", "uam"),
@@ -356,6 +375,12 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
         values = [r["mask_iou"] for r in rows if r["method"] == method and "mask_iou" in r]
         if values:
             add(f"toyworld.mask_iou.{metric}", _mean(values), "iou", n=len(values))
+        lone = [r for r in rows if r["method"] == method and "mask_empty" in r]
+        if lone:
+            add(f"toyworld.mask_empty_rate.{metric}", _mean([r["mask_empty"] for r in lone]), "rate", True,
+                n=len(lone), note="one-object scenes, object edits")
+            add(f"toyworld.mask_inverted_rate.{metric}", _mean([r["mask_inverted"] for r in lone]), "rate", True,
+                n=len(lone), note="one-object scenes: the complement fits the edit region better")
     log.info("edits: %d in %.0f s", len([r for r in rows if r["method"] != VAE_ROUND_TRIP]),
              time.perf_counter() - started)
 
@@ -363,14 +388,15 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     gen_scenes = evaluate.held_out_scenes(max(n_gen, n_attention), seed=0)
     if n_gen:
         settings = evaluate.GenerationSettings(steps=gen_steps)
-        result = evaluate.evaluate_generation(evaluate.model_generator(world.model, world.clip, world.vae, settings),
+        result = evaluate.evaluate_generation(evaluate.model_generator(world.model, world.clip, world.vae, settings, world.size),
                                               gen_scenes[:n_gen])
         add("toyworld.gen_attribute_accuracy", result["gen_attribute_accuracy"], "rate", steps_=gen_steps,
             n=result["n"], cfg=settings.cfg)
         add("toyworld.gen_object_attribute_rate", result["object_attribute_rate"], "rate", steps_=gen_steps,
             n=result["n"], cfg=settings.cfg)
     if n_attention:
-        att = evaluate.attention_concentration(world.model, world.clip, world.vae, gen_scenes[:n_attention])
+        att = evaluate.attention_concentration(world.model, world.clip, world.vae, gen_scenes[:n_attention],
+                                               image_size=world.size)
         add("toyworld.attention_mass_in_mask", att["mass_in_mask"], "fraction", steps_=0, n=n_attention,
             chance=round(att["chance"], 4))
     log.info("generation: %.0f s", time.perf_counter() - started)

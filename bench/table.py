@@ -59,13 +59,15 @@ def _source(records: list[dict]) -> str:
     return f"{first['device']}, torch {first['torch']}, commit {first['commit']}, {first['date']}"
 
 
-WORLDS = {"toyworld.": "Quality on the toy world", "toyflow.": "Quality on the toy flow world (Flux-shaped DiT)"}
+WORLDS = {"toyworld.": "Quality on the toy world", "toyflow.": "Quality on the toy flow world (Flux-shaped DiT)",
+          "toyworld256.": "Quality on the toy world at 256 px (32x32 latents, 8x8 maps at 1/4 side)"}
 
 
 def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
-    """The quality tables of one world: its records ("toyworld." or "toyflow.") read under the toy world's names."""
+    """The quality tables of one world: its records ("toyworld.", "toyworld256." or "toyflow.") read under the toy
+    world's names."""
     records = [{**r, "metric": "toyworld." + r["metric"][len(prefix):]} for r in records
-               if r["metric"].startswith(prefix) and not r["metric"].startswith(PROBE)]
+               if r["metric"].startswith(prefix) and not r["metric"].startswith(prefix + "probe.")]
     by = {r["metric"]: r for r in records}
     if not by:
         return []
@@ -76,7 +78,7 @@ def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
 
     model = next(r for r in records if r["metric"].startswith("toyworld."))["model"]
     lines = [f"**{WORLDS[prefix]}** ({model}; {_source(records)}):", ""]
-    if prefix != "toyworld.":  # the rows keep the UNet world's names
+    if prefix == "toyflow.":  # the rows keep the UNet world's names
         lines += ["(On this flow model \"DDIM\" is the pack's inversion node: the Euler step of the rectified-flow "
                   "ODE, the same sigma-space step.)", ""]
     lines += ["| Reconstruction | PSNR dB | SSIM |", "|---|---|---|"]
@@ -105,14 +107,20 @@ def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
             continue
         cells = [value(f"toyworld.{metric}.{key}") for _, metric in columns] + [per_kind(key, k) for k in kinds]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "(In place: the target attributes where the source object was, within half a latent cell (4 px) "
-              "in position and size, every other object in place; lenient: the target attributes on the edited "
+    lines += ["", "(In place: the target attributes where the source object was, within 4 px of the 128-px "
+              "reference (half a 128-px latent cell, 1/32 of the side, at every image size) in position and size, "
+              "every other object in place; lenient: the target attributes on the edited "
               "object wherever it is. Drift: the edited object's centroid, recolour/reshape/replace. Background: "
               "outside the ground-truth edit mask. Per edit kind in the last columns, in place / lenient.)", ""]
     rows = [("Background PSNR dB of the source's VAE round trip (ceiling)", "toyworld.background_psnr_db.vae_round_trip"),
             ("Background SSIM of the source's VAE round trip (ceiling)", "toyworld.background_ssim.vae_round_trip"),
             ("Mask IoU, instant (InstDiffEdit, in the Edit Sampler)", "toyworld.mask_iou.instant"),
             ("Mask IoU, Instant Mask Estimate (InstDiffEdit paper path)", "toyworld.mask_iou.instant_estimate"),
+            ("Instant mask empty on a one-object scene (rate)", "toyworld.mask_empty_rate.instant"),
+            ("Instant mask inverted on a one-object scene (rate)", "toyworld.mask_inverted_rate.instant"),
+            ("Instant Mask Estimate empty on a one-object scene (rate)", "toyworld.mask_empty_rate.instant_estimate"),
+            ("Instant Mask Estimate inverted on a one-object scene (rate)",
+             "toyworld.mask_inverted_rate.instant_estimate"),
             ("Mask IoU, adaptive (UAM, edit-region dilation)", "toyworld.mask_iou.adaptive"),
             ("Mask IoU, adaptive (UAM, unchanged-region dilation)", "toyworld.mask_iou.adaptive_unchanged"),
             ("Generation attribute accuracy (held-out captions)", "toyworld.gen_attribute_accuracy"),
@@ -132,9 +140,10 @@ def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
     return lines
 
 
-def probe_tables(records: list[dict]) -> list[str]:
-    """The FPE paper's probes (bench/probes.py): per layer the layout a swap restores, per word its attention."""
-    by = {r["metric"]: r for r in records if r["metric"].startswith(PROBE)}
+def probe_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
+    """The FPE paper's probes (bench/probes.py) of one world: per layer the layout a swap restores, per word its
+    attention."""
+    by = {PROBE + r["metric"][len(prefix + "probe."):]: r for r in records if r["metric"].startswith(prefix + "probe.")}
     if not by:
         return []
 
@@ -143,7 +152,8 @@ def probe_tables(records: list[dict]) -> list[str]:
         return "n/a" if r is None else _fmt(r["value"], r["unit"])
 
     first = next(iter(by.values()))
-    lines = [f"**Probes on the toy world** ({first['model']}, {first['steps']} steps; {_source(list(by.values()))}):", ""]
+    where = "on the toy world" if prefix == "toyworld." else "on the toy world at 256 px"
+    lines = [f"**Probes {where}** ({first['model']}, {first['steps']} steps; {_source(list(by.values()))}):", ""]
     variants = list(dict.fromkeys(m.rsplit(".", 1)[1] for m in by if m.startswith(PROBE + "structure_iou.")))
     if variants:
         lines += ["| Source self-attention swapped into the target at | map side | layout restored (structure) | "
@@ -200,8 +210,8 @@ def tables(files: list[pathlib.Path]) -> str:
         records = json.loads(path.read_text())
         if not records:
             continue
-        for lines in (quality_tables(records), quality_tables(records, "toyflow."), probe_tables(records),
-                      perf_table(records)):
+        for lines in (quality_tables(records), probe_tables(records), quality_tables(records, "toyworld256."),
+                      probe_tables(records, "toyworld256."), quality_tables(records, "toyflow."), perf_table(records)):
             if lines:
                 blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

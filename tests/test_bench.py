@@ -128,3 +128,39 @@ def test_readme_tables_come_from_result_records(tmp_path):
     assert "| colour | 0.875 |" in text and "| 0.08 |" in text
     assert "| `uniform.overhead_ratio` | 0.900 | ≤ 1 (met) |" in text
     assert "cpu: test" in text
+
+
+def test_256px_suites_measure_the_toy_world_at_256px_under_their_own_names(tmp_path):
+    out = tmp_path / "fine.json"
+    assert run.main(["--smoke", "--only", "quality256", "probes256", "--output", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert all(REQUIRED <= set(r) for r in records)
+    assert all(r["metric"].startswith("toyworld256.") and r["value"] == r["value"] for r in records)
+    by = {r["metric"]: r for r in records}
+    assert {"toyworld256.edit_success_rate.ddim", "toyworld256.mask_iou.instant", "toyworld256.recon_psnr_db.vae",
+            "toyworld256.probe.structure_iou.baseline", "toyworld256.probe.word_mass_in_mask.colour"} <= set(by)
+    assert by["toyworld256.edit_success_rate.ddim"]["resolution"] == "256px (latent 32x32)"
+    sides = {r["map_side"] for r in records if r["metric"].startswith("toyworld256.probe.structure_iou.")
+             and "map_side" in r}
+    assert max(sides) == 32 and min(sides) == 8  # 32x32 latents: the 1/4-side maps are 8x8
+    assert {run.suite_of(m) for m in by} == {"quality256", "probes256"}
+    assert "toyworld256.probe.word_mass_in_mask.colour.8x8" in by  # the words' attention on the 1/4-side maps
+
+
+def test_each_world_gets_its_own_readme_tables(tmp_path):
+    from bench import table
+
+    common = {"device": "cpu: test", "torch": "2", "commit": "abc", "date": "d", "steps": 50}
+    records = [{"metric": "toyworld.edit_success_rate.fpe", "value": 0.5, "unit": "rate", "model": "toy world (a)",
+                **common},
+               {"metric": "toyworld256.edit_success_rate.fpe", "value": 0.875, "unit": "rate",
+                "model": "toy world (b)", **common},
+               {"metric": "toyworld256.probe.structure_iou.output4", "value": 0.625, "unit": "iou", "map_side": 32,
+                "model": "toy world (b)", **common}]
+    results = tmp_path / "cpu.json"
+    results.write_text(json.dumps(records))
+    text = table.tables([results])
+    plain, fine = text.split("**Quality on the toy world at 256 px")
+    assert "| 0.500 |" in plain and "0.875" not in plain and "toy world (b)" not in plain
+    assert "| 0.875 |" in fine and "**Probes on the toy world at 256 px** (toy world (b)" in fine
+    assert "| output4 | 32x32 | n/a | n/a | n/a | 0.625 | n/a |" in fine

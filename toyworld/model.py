@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 
 TRAINED_FILE_NAME = "toyworld.safetensors"  # the trained model, committed in the pack's models/ folder
 TRAINED_FLOW_FILE_NAME = "toyflow.safetensors"  # the trained toy flow world (a Flux-shaped DiT), also in models/
+TRAINED_256_FILE_NAME = "toyworld256.safetensors"  # the toy world drawn at 256 px (32x32 latents), also in models/
 RANDOM_FILE_NAME = "toyworld-random.safetensors"  # the seeded random stand-in `make demo` writes (git-ignored)
 METADATA_KEY = "attention_edit_toy"
 INFO_METADATA_KEY = "attention_edit_toy_info"
