@@ -34,11 +34,16 @@ classifier that reads attributes back (`toyworld.classifier`).
   pinned), ``uam_pinned`` (the pack's earlier recipe: one uniform-attention inversion, source and
   auxiliary branch pinned to it), ``uam_unchanged`` (the official recipe with the paper's dilation of
   the unchanged region), ``instdiffedit``
-  (instant mask on the edited words, empty-prompt inversion at strength 0.5).
+  (instant mask on the edited words, empty-prompt inversion at strength 0.5), ``ground_truth_mask`` (the same
+  masked edit with the true edit region as ``edit_mask``: a perfect mask, which separates the mask's errors from
+  the masked sampling's).
 * Masks: IoU of the final MASK (> 0.5) with the ground-truth edit mask, on the object edits
-  (recolour, reshape, replace), for the instant and the adaptive mask; on the one-object scenes among
+  (recolour, reshape, replace), for the instant and the adaptive mask, with its precision (the share of the mask
+  inside the edit region) and recall (the share of the region it covers); on the one-object scenes among
   them, how often the mask is empty and how often it is inverted (its complement fits the edit region
-  better than it does).
+  better than it does); and the IoU a perfect mask keeps on the latent grid and on the 1/4-side attention-map
+  grid (``mask_iou.ground_truth_on_<side>x<side>``: the region averaged onto the grid, back bilinearly,
+  thresholded), what resolution alone allows.
 * Generation: attribute accuracy of images generated from held-out captions; object-word
   cross-attention mass inside the object; on two-object prompts with and without
   AttnEdit_AttentionRegulation, how often both objects are drawn (each matched by a detection of
@@ -73,8 +78,22 @@ log = logging.getLogger("attention_edit.bench.quality")
 
 OBJECT_EDITS = ("recolour", "reshape", "replace")
 MASK_THRESHOLD = 0.5
+LATENT_FACTOR = 8  # the toy VAE's (and SD's) pixels per latent cell
 VAE_ROUND_TRIP = "vae_round_trip"
 """The method name of the rows that score the source's VAE round trip (background ceiling)."""
+
+
+def grid_iou(edit_mask: np.ndarray, side: int) -> float:
+    """IoU with the ground-truth edit region of that region itself put on a side x side grid (area average),
+    brought back bilinearly and thresholded: what a perfect mask made at that resolution reaches (the latent
+    grid; the 1/4-side attention maps the instant mask is made from)."""
+    import torch
+    import torch.nn.functional as F
+
+    region = torch.from_numpy(edit_mask.astype(np.float32))[None, None]
+    coarse = F.interpolate(region, size=(side, side), mode="area")
+    back = F.interpolate(coarse, size=edit_mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return iou(back > MASK_THRESHOLD, edit_mask)
 
 
 def structure_iou(image: np.ndarray, reference: np.ndarray) -> float:
@@ -168,8 +187,12 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
                 handles[inversion_key(spec, aux=True)] = aux_invert_for(world, spec, pair, latent)
         keep = ~pair.edit_mask
         source_vae = world.decode(latent)
-        rows.append({"pair": n, "kind": pair.kind, "method": VAE_ROUND_TRIP,
-                     **background_scores(source_vae, source_image, source_vae, keep)})
+        ceiling = {"pair": n, "kind": pair.kind, "method": VAE_ROUND_TRIP,
+                   **background_scores(source_vae, source_image, source_vae, keep)}
+        if pair.kind in OBJECT_EDITS:
+            side = pair.size // LATENT_FACTOR
+            ceiling["grid_iou"] = {f"{s}x{s}": grid_iou(pair.edit_mask, s) for s in (side, side // 4)}
+        rows.append(ceiling)
         for method in methods:
             spec = table[method]
             started = time.perf_counter()
@@ -188,6 +211,10 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
             if spec.get("mask") is not None and pair.kind in OBJECT_EDITS:
                 chosen = mask[0].cpu().numpy() > MASK_THRESHOLD
                 row["mask_iou"] = iou(chosen, pair.edit_mask)
+                # Too wide or too narrow: the share of the mask inside the edit region, and of the region covered.
+                overlap = np.logical_and(chosen, pair.edit_mask).sum()
+                row["mask_precision"] = float(overlap / chosen.sum()) if chosen.any() else None
+                row["mask_recall"] = float(overlap / pair.edit_mask.sum())
                 if len(pair.source.objects) == 1:  # the lone-object failures: nothing chosen, or all but the object
                     row["mask_empty"] = not chosen.any()
                     row["mask_inverted"] = iou(~chosen, pair.edit_mask) > row["mask_iou"]
@@ -303,7 +330,7 @@ def run(rec, model_path, **options) -> None:
 
 # The edit methods that run on the toy flow world's DiT (Flux-shaped): FPE's map-size variant is a UNet layer rule,
 # and the paper's InstDiffEdit path (Instant Mask Estimate) is UNet-only.
-FLOW_METHODS = ("ddim", "fpe", "masactrl", "uam", "uam_pinned", "uam_unchanged", "instdiffedit")
+FLOW_METHODS = ("ddim", "fpe", "masactrl", "uam", "uam_pinned", "uam_unchanged", "instdiffedit", "ground_truth_mask")
 FLOW_PREFIX = "toyflow."  # the toy flow world's metrics: the toy world's names under this prefix
 
 
@@ -375,12 +402,20 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
         values = [r["mask_iou"] for r in rows if r["method"] == method and "mask_iou" in r]
         if values:
             add(f"toyworld.mask_iou.{metric}", _mean(values), "iou", n=len(values))
+            for part in ("precision", "recall"):
+                chosen = [r[f"mask_{part}"] for r in rows if r["method"] == method and r.get(f"mask_{part}") is not None]
+                if chosen:
+                    add(f"toyworld.mask_{part}.{metric}", _mean(chosen), "fraction", n=len(chosen))
         lone = [r for r in rows if r["method"] == method and "mask_empty" in r]
         if lone:
             add(f"toyworld.mask_empty_rate.{metric}", _mean([r["mask_empty"] for r in lone]), "rate", True,
                 n=len(lone), note="one-object scenes, object edits")
             add(f"toyworld.mask_inverted_rate.{metric}", _mean([r["mask_inverted"] for r in lone]), "rate", True,
                 n=len(lone), note="one-object scenes: the complement fits the edit region better")
+    ceilings = [r["grid_iou"] for r in rows if "grid_iou" in r]
+    for grid in dict.fromkeys(g for c in ceilings for g in c):
+        add(f"toyworld.mask_iou.ground_truth_on_{grid}", _mean([c[grid] for c in ceilings]), "iou", n=len(ceilings),
+            note="the true edit region put on that grid and back: a perfect mask's IoU at that resolution")
     log.info("edits: %d in %.0f s", len([r for r in rows if r["method"] != VAE_ROUND_TRIP]),
              time.perf_counter() - started)
 

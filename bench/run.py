@@ -29,11 +29,11 @@ from .common import REPO, Recorder, setup
 SUITES = ("perf", "dit_perf", "regulation", "quality", "probes", "flow_quality", "quality256", "probes256")
 
 
-# quality256's sample, sized for one session on these 2 CPU cores (every image costs 4x the 128-px compute; the
-# 128-px suite: 16 reconstructions, 4 pairs of every kind, 64 generations, 32 attention scenes, 32 regulated
-# prompts): 2 pairs of each object edit (recolour, reshape, replace: what the methods' layout and mask claims are
-# about), 2 reconstructions, 16 generations, 8 attention scenes, 8 regulated two-object prompts.
-FINE_SAMPLE = {"n_recon": 2, "n_per_kind": 2, "kinds": ("recolour", "reshape", "replace"), "n_gen": 16,
+# quality256's sample, sized to run in about 40 minutes on these 2 CPU cores (every image costs 4x the 128-px
+# compute; the 128-px suite: 16 reconstructions, 4 pairs of every kind, 64 generations, 32 attention scenes, 32
+# regulated prompts): 4 pairs of each object edit (recolour, reshape, replace: what the methods' layout and mask
+# claims are about), 2 reconstructions, 16 generations, 8 attention scenes, 8 regulated two-object prompts.
+FINE_SAMPLE = {"n_recon": 2, "n_per_kind": 4, "kinds": ("recolour", "reshape", "replace"), "n_gen": 16,
                "n_attention": 8, "n_regulation": 8}
 
 

@@ -52,6 +52,14 @@ def test_quality_smoke_runs_every_method_on_the_trained_toy_model(tmp_path):
         lenient = metric.replace("edit_success_rate", "edit_success_rate_lenient")
         assert by[metric]["value"] <= by[lenient]["value"] + 1e-9, metric
     assert not any(m.startswith("toyworld.probe.") for m in by)  # the probes are their own suite
+    # What the mask rows are made of: too wide or too narrow, and what a perfect mask reaches at each grid.
+    assert {"toyworld.mask_precision.instant", "toyworld.mask_recall.instant", "toyworld.mask_recall.adaptive",
+            "toyworld.mask_iou.ground_truth_on_16x16", "toyworld.mask_iou.ground_truth_on_4x4",
+            "toyworld.edit_success_rate.ground_truth_mask"} <= set(by)
+    assert all(0.0 <= by[m]["value"] <= 1.0 for m in by if m.startswith(("toyworld.mask_precision.",
+                                                                         "toyworld.mask_recall."))), by
+    # A coarser grid loses more of the region's outline.
+    assert by["toyworld.mask_iou.ground_truth_on_4x4"]["value"] < by["toyworld.mask_iou.ground_truth_on_16x16"]["value"]
 
 
 def test_flow_quality_smoke_runs_the_dit_methods_on_the_toy_flow_world(tmp_path):
@@ -147,6 +155,21 @@ def test_256px_suites_measure_the_toy_world_at_256px_under_their_own_names(tmp_p
     assert "toyworld256.probe.word_mass_in_mask.colour.8x8" in by  # the words' attention on the 1/4-side maps
 
 
+def test_a_perfect_mask_on_a_grid_keeps_what_the_grid_can_hold():
+    import numpy as np
+
+    from bench.quality import grid_iou
+
+    square = np.zeros((64, 64), bool)
+    square[16:48, 16:48] = True  # 4x4 cells of an 8x8 grid
+    assert grid_iou(square, 64) == 1.0  # a grid as fine as the image changes nothing
+    assert grid_iou(square, 8) > 0.95  # an aligned square: only its corners round off
+    line = np.zeros((64, 64), bool)
+    line[:, 30:33] = True  # 3 px wide: under half of any 8-px cell
+    assert grid_iou(line, 8) == 0.0
+    assert grid_iou(line, 32) > 0.5
+
+
 def test_each_world_gets_its_own_readme_tables(tmp_path):
     from bench import table
 
@@ -156,6 +179,8 @@ def test_each_world_gets_its_own_readme_tables(tmp_path):
                {"metric": "toyworld256.edit_success_rate.fpe", "value": 0.875, "unit": "rate",
                 "model": "toy world (b)", **common},
                {"metric": "toyworld256.probe.structure_iou.output4", "value": 0.625, "unit": "iou", "map_side": 32,
+                "model": "toy world (b)", **common},
+               {"metric": "toyworld256.mask_iou.ground_truth_on_8x8", "value": 0.75, "unit": "iou",
                 "model": "toy world (b)", **common}]
     results = tmp_path / "cpu.json"
     results.write_text(json.dumps(records))
@@ -164,3 +189,4 @@ def test_each_world_gets_its_own_readme_tables(tmp_path):
     assert "| 0.500 |" in plain and "0.875" not in plain and "toy world (b)" not in plain
     assert "| 0.875 |" in fine and "**Probes on the toy world at 256 px** (toy world (b)" in fine
     assert "| output4 | 32x32 | n/a | n/a | n/a | 0.625 | n/a |" in fine
+    assert "| Mask IoU, the true edit region on the 8x8 grid and back (a perfect mask's) | 0.750 |" in fine
