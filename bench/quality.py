@@ -43,7 +43,9 @@ classifier that reads attributes back (`toyworld.classifier`).
   them, how often the mask is empty and how often it is inverted (its complement fits the edit region
   better than it does); and the IoU a perfect mask keeps on the latent grid and on the 1/4-side attention-map
   grid (``mask_iou.ground_truth_on_<side>x<side>``: the region averaged onto the grid, back bilinearly,
-  thresholded), what resolution alone allows.
+  thresholded), what resolution alone allows; and the background PSNR of the true target's latent pasted into
+  the source's on the cells the edit region touches (``background_psnr_db.latent_composite``): what a perfect
+  latent-space mask keeps once the VAE decodes it.
 * Generation: attribute accuracy of images generated from held-out captions; object-word
   cross-attention mass inside the object; on two-object prompts with and without
   AttnEdit_AttentionRegulation, how often both objects are drawn (each matched by a detection of
@@ -94,6 +96,17 @@ def grid_iou(edit_mask: np.ndarray, side: int) -> float:
     coarse = F.interpolate(region, size=(side, side), mode="area")
     back = F.interpolate(coarse, size=edit_mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
     return iou(back > MASK_THRESHOLD, edit_mask)
+
+
+def latent_composite(source: dict, target: dict, edit_mask: np.ndarray) -> dict:
+    """The target's latent in every latent cell the edit region touches, the source's elsewhere: the best any edit
+    masked in latent space can do, its background limited only by the VAE decoder mixing neighbouring cells."""
+    import torch
+    import torch.nn.functional as F
+
+    region = torch.from_numpy(edit_mask.astype(np.float32))[None, None]
+    cells = F.max_pool2d(region, LATENT_FACTOR) > 0
+    return {"samples": torch.where(cells, target["samples"], source["samples"])}
 
 
 def structure_iou(image: np.ndarray, reference: np.ndarray) -> float:
@@ -192,6 +205,8 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
         if pair.kind in OBJECT_EDITS:
             side = pair.size // LATENT_FACTOR
             ceiling["grid_iou"] = {f"{s}x{s}": grid_iou(pair.edit_mask, s) for s in (side, side // 4)}
+            composite = world.decode(latent_composite(latent, world.encode(target_image), pair.edit_mask))
+            ceiling["composite_background_psnr"] = psnr(composite, source_image, keep)
         rows.append(ceiling)
         for method in methods:
             spec = table[method]
@@ -412,6 +427,10 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
                 n=len(lone), note="one-object scenes, object edits")
             add(f"toyworld.mask_inverted_rate.{metric}", _mean([r["mask_inverted"] for r in lone]), "rate", True,
                 n=len(lone), note="one-object scenes: the complement fits the edit region better")
+    put_composite = [r["composite_background_psnr"] for r in rows if r.get("composite_background_psnr") is not None]
+    if put_composite:
+        add("toyworld.background_psnr_db.latent_composite", _mean(put_composite), "dB", n=len(put_composite),
+            note="the true target's latent pasted into the source's on the edit region's cells, decoded")
     ceilings = [r["grid_iou"] for r in rows if "grid_iou" in r]
     for grid in dict.fromkeys(g for c in ceilings for g in c):
         add(f"toyworld.mask_iou.ground_truth_on_{grid}", _mean([c[grid] for c in ceilings]), "iou", n=len(ceilings),

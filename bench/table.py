@@ -115,6 +115,8 @@ def quality_tables(records: list[dict], prefix: str = "toyworld.") -> list[str]:
               "outside the ground-truth edit mask. Per edit kind in the last columns, in place / lenient.)", ""]
     rows = [("Background PSNR dB of the source's VAE round trip (ceiling)", "toyworld.background_psnr_db.vae_round_trip"),
             ("Background SSIM of the source's VAE round trip (ceiling)", "toyworld.background_ssim.vae_round_trip"),
+            ("Background PSNR dB, the true target's latent pasted into the source's on the edit cells (a perfect "
+             "latent mask's ceiling)", "toyworld.background_psnr_db.latent_composite"),
             ("Mask IoU, instant (InstDiffEdit, in the Edit Sampler)", "toyworld.mask_iou.instant"),
             ("Instant mask: share inside the edit region (precision)", "toyworld.mask_precision.instant"),
             ("Instant mask: share of the edit region covered (recall)", "toyworld.mask_recall.instant"),

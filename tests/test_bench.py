@@ -55,7 +55,7 @@ def test_quality_smoke_runs_every_method_on_the_trained_toy_model(tmp_path):
     # What the mask rows are made of: too wide or too narrow, and what a perfect mask reaches at each grid.
     assert {"toyworld.mask_precision.instant", "toyworld.mask_recall.instant", "toyworld.mask_recall.adaptive",
             "toyworld.mask_iou.ground_truth_on_16x16", "toyworld.mask_iou.ground_truth_on_4x4",
-            "toyworld.edit_success_rate.ground_truth_mask"} <= set(by)
+            "toyworld.edit_success_rate.ground_truth_mask", "toyworld.background_psnr_db.latent_composite"} <= set(by)
     assert all(0.0 <= by[m]["value"] <= 1.0 for m in by if m.startswith(("toyworld.mask_precision.",
                                                                          "toyworld.mask_recall."))), by
     # A coarser grid loses more of the region's outline.
@@ -168,6 +168,21 @@ def test_a_perfect_mask_on_a_grid_keeps_what_the_grid_can_hold():
     line[:, 30:33] = True  # 3 px wide: under half of any 8-px cell
     assert grid_iou(line, 8) == 0.0
     assert grid_iou(line, 32) > 0.5
+
+
+def test_the_latent_composite_takes_the_target_on_every_cell_the_edit_touches():
+    import numpy as np
+    import torch
+
+    from bench.quality import latent_composite
+
+    source, target = {"samples": torch.zeros(1, 4, 4, 4)}, {"samples": torch.ones(1, 4, 4, 4)}
+    region = np.zeros((32, 32), bool)
+    region[9, 17] = True  # one pixel, in latent cell (1, 2)
+    out = latent_composite(source, target, region)["samples"]
+    expected = torch.zeros(1, 4, 4, 4)
+    expected[..., 1, 2] = 1.0
+    assert torch.equal(out, expected)
 
 
 def test_each_world_gets_its_own_readme_tables(tmp_path):
