@@ -34,7 +34,8 @@ classifier that reads attributes back (`toyworld.classifier`).
   pinned), ``uam_pinned`` (the pack's earlier recipe: one uniform-attention inversion, source and
   auxiliary branch pinned to it), ``uam_unchanged`` (the official recipe with the paper's dilation of
   the unchanged region), ``instdiffedit``
-  (instant mask on the edited words, empty-prompt inversion at strength 0.5), ``ground_truth_mask`` (the same
+  (instant mask on the edited words, empty-prompt inversion at strength 0.5), ``instdiffedit_fine_maps`` (the same,
+  the mask read from 1/2-side maps and thresholded at 0.05: a variant for small latents), ``ground_truth_mask`` (the same
   masked edit with the true edit region as ``edit_mask``: a perfect mask, which separates the mask's errors from
   the masked sampling's).
 * Masks: IoU of the final MASK (> 0.5) with the ground-truth edit mask, on the object edits
@@ -411,7 +412,8 @@ def measure(rec, model_path, steps: int = 50, n_recon: int = 16, n_per_kind: int
     pairs = scenes.make_edit_pairs(0, n_per_kind, world.size, split="test", kinds=kinds or scenes.EDIT_KINDS)
     rows = edits(world, pairs, methods)
     record_edits(add, rows)
-    for metric, method in (("instant", "instdiffedit"), ("instant_estimate", "instdiffedit_paper"), ("adaptive", "uam"),
+    for metric, method in (("instant", "instdiffedit"), ("instant_fine_maps", "instdiffedit_fine_maps"),
+                           ("instant_estimate", "instdiffedit_paper"), ("adaptive", "uam"),
                            ("adaptive_pinned", "uam_pinned"),
                            ("adaptive_unchanged", "uam_unchanged")):
         values = [r["mask_iou"] for r in rows if r["method"] == method and "mask_iou" in r]
