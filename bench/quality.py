@@ -71,6 +71,7 @@ from fixtures.toy_graph import (
     inversion_key,
     invert_for,
     iou,
+    paste_into_source,
     psnr,
     run_edit,
     run_node,
@@ -84,6 +85,13 @@ MASK_THRESHOLD = 0.5
 LATENT_FACTOR = 8  # the toy VAE's (and SD's) pixels per latent cell
 VAE_ROUND_TRIP = "vae_round_trip"
 """The method name of the rows that score the source's VAE round trip (background ceiling)."""
+PASTES = {"_pasted": 0, "_pasted_grown": LATENT_FACTOR}
+"""Each masked method is also scored finished in pixel space, as a graph can finish it with stock nodes after
+VAEDecode (`paste_into_source`: ImageCompositeMasked over the source image through the edit's MASK): method +
+"_pasted" with the MASK as it is, + "_pasted_grown" with it grown by one latent cell (GrowMask), which takes in the
+pixels the decoder spreads an edited cell's change into. The latent-space mask's background stays below the VAE
+round trip (the decoder mixes neighbouring cells; `latent_composite`): pasting is how a graph keeps the rest of the
+image as it was."""
 
 
 def grid_iou(edit_mask: np.ndarray, side: int) -> float:
@@ -126,11 +134,14 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 def background_scores(image: np.ndarray, source_image: np.ndarray, source_vae: np.ndarray,
                       keep: np.ndarray) -> dict[str, float | None]:
-    """Background PSNR and SSIM of `image` outside the edit mask, against the source and its VAE round trip."""
+    """Background PSNR and SSIM of `image` outside the edit mask, against the source and its VAE round trip, and the
+    mean squared error against the source (pooled over edits: `pooled_psnr`)."""
     if not keep.any():
-        return dict.fromkeys(("background_psnr", "background_psnr_vs_vae", "background_ssim",
+        return dict.fromkeys(("background_psnr", "background_mse", "background_psnr_vs_vae", "background_ssim",
                               "background_ssim_vs_vae"))
-    return {"background_psnr": psnr(image, source_image, keep), "background_psnr_vs_vae": psnr(image, source_vae, keep),
+    error = image[keep].astype(np.float64) - source_image[keep].astype(np.float64)
+    return {"background_psnr": psnr(image, source_image, keep), "background_mse": float(np.mean(error ** 2)),
+            "background_psnr_vs_vae": psnr(image, source_vae, keep),
             "background_ssim": masked_ssim(image, source_image, keep),
             "background_ssim_vs_vae": masked_ssim(image, source_vae, keep)}
 
@@ -178,12 +189,29 @@ def reconstruction(world: World, scene_list: Sequence) -> dict[str, dict[str, li
 # Edits
 
 
+def edit_row(pair, n: int, method: str, image: np.ndarray, seconds: float, references: dict[str, np.ndarray],
+             keep_image: bool = False) -> dict[str, Any]:
+    """The scores of one edited image of pair number n (references: the "source" image, its VAE round trip
+    "source_vae" and the true "target")."""
+    from toyworld import edit_score
+
+    score = edit_score.score_edit(pair, image)
+    row = {"pair": n, "kind": pair.kind, "method": method, "success": score["success"],
+           "success_lenient": score["success_lenient"], "drift_px": score["drift_px"],
+           "size_error_px": score["size_error_px"], "kept_drift_px": score["kept_drift_px"],
+           **background_scores(image, references["source"], references["source_vae"], ~pair.edit_mask),
+           "structure": structure_iou(image, references["target"]), "seconds": seconds}
+    if keep_image:
+        row["image"] = image
+    return row
+
+
 def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
           keep_images: bool = False) -> list[dict[str, Any]]:
     """One row of scores per (pair, method), and one "vae_round_trip" row per pair (the source's encode and
     decode, scored as an edit that changed nothing: its background scores are the ceiling); with keep_images
     the edited image too (row["image"])."""
-    from toyworld import edit_score, scenes
+    from toyworld import scenes
 
     table = edit_methods(world)
     methods = list(table) if methods is None else list(methods)
@@ -209,6 +237,7 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
             composite = world.decode(latent_composite(latent, world.encode(target_image), pair.edit_mask))
             ceiling["composite_background_psnr"] = psnr(composite, source_image, keep)
         rows.append(ceiling)
+        references = {"source": source_image, "source_vae": source_vae, "target": target_image}
         for method in methods:
             spec = table[method]
             started = time.perf_counter()
@@ -216,14 +245,14 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
             aux_handle = handles[inversion_key(spec, aux=True)] if "aux_model" in spec else None
             image, mask = run_edit(world, spec, pair, handle, aux_handle)
             seconds = time.perf_counter() - started
-            score = edit_score.score_edit(pair, image)
-            row = {"pair": n, "kind": pair.kind, "method": method, "success": score["success"],
-                   "success_lenient": score["success_lenient"], "drift_px": score["drift_px"],
-                   "size_error_px": score["size_error_px"], "kept_drift_px": score["kept_drift_px"],
-                   **background_scores(image, source_image, source_vae, keep),
-                   "structure": structure_iou(image, target_image), "seconds": seconds}
-            if keep_images:
-                row["image"] = image
+            row = edit_row(pair, n, method, image, seconds, references, keep_images)
+            finished = []  # the same edit finished in pixel space (no extra sampling): see PASTES
+            if spec.get("mask") is not None or spec.get("edit_mask"):
+                for suffix, grow_px in PASTES.items():
+                    started = time.perf_counter()
+                    pasted = paste_into_source(image, source_image, mask, grow_px)
+                    seconds_pasted = seconds + time.perf_counter() - started
+                    finished.append(edit_row(pair, n, method + suffix, pasted, seconds_pasted, references, keep_images))
             if spec.get("mask") is not None and pair.kind in OBJECT_EDITS:
                 chosen = mask[0].cpu().numpy() > MASK_THRESHOLD
                 row["mask_iou"] = iou(chosen, pair.edit_mask)
@@ -234,7 +263,7 @@ def edits(world: World, pairs: Sequence, methods: Sequence[str] | None = None,
                 if len(pair.source.objects) == 1:  # the lone-object failures: nothing chosen, or all but the object
                     row["mask_empty"] = not chosen.any()
                     row["mask_inverted"] = iou(~chosen, pair.edit_mask) > row["mask_iou"]
-            rows.append(row)
+            rows += [row, *finished]
         log.info("edit pair %d/%d (%s) done", n + 1, len(pairs), pair.kind)
     return rows
 
@@ -290,6 +319,12 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def pooled_psnr(mse: Sequence[float]) -> float:
+    """The PSNR (dB, uint8) of the mean squared error over edits. A mean of per-image PSNRs is not defined once an
+    edit keeps the background exactly (infinite PSNR), as an edit pasted into the source can."""
+    return 10.0 * float(np.log10(255.0 ** 2 / max(float(np.mean(mse)), 1e-10)))
+
+
 def _median(values) -> float:
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else float("nan")
@@ -314,6 +349,8 @@ def record_edits(add, rows: list[dict[str, Any]]) -> None:
     put("toyworld.structure_iou", [r["structure"] for r in edited], "iou")
     put(f"toyworld.background_psnr_db.{VAE_ROUND_TRIP}", [r["background_psnr"] for r in ceiling], "dB")
     put(f"toyworld.background_ssim.{VAE_ROUND_TRIP}", [r["background_ssim"] for r in ceiling], "ssim")
+    put(f"toyworld.background_psnr_db_pooled.{VAE_ROUND_TRIP}", [r["background_mse"] for r in ceiling], "dB",
+        pooled_psnr, note="the PSNR of the mean squared error over the edits")
     for method in dict.fromkeys(r["method"] for r in edited):
         mine = [r for r in edited if r["method"] == method]
         groups = [(method, mine)] + [(f"{method}.{kind}", [r for r in mine if r["kind"] == kind])
@@ -330,6 +367,11 @@ def record_edits(add, rows: list[dict[str, Any]]) -> None:
         put(f"toyworld.kept_drift_px.{method}", [r["kept_drift_px"] for r in mine], "px", _median, True,
             note="median of the largest drift among the unedited objects")
         put(f"toyworld.background_psnr_db_vs_vae.{method}", [r["background_psnr_vs_vae"] for r in mine], "dB")
+        put(f"toyworld.background_psnr_db_pooled.{method}", [r["background_mse"] for r in mine], "dB", pooled_psnr,
+            note="the PSNR of the mean squared error over the edits")
+        put(f"toyworld.background_exact_rate.{method}", [None if r["background_mse"] is None else r["background_mse"] == 0
+                                                        for r in mine], "rate",
+            note="edits whose background is the source's, pixel for pixel")
         put(f"toyworld.background_ssim.{method}", [r["background_ssim"] for r in mine], "ssim")
         put(f"toyworld.background_ssim_vs_vae.{method}", [r["background_ssim_vs_vae"] for r in mine], "ssim")
         put(f"toyworld.structure_iou.{method}", [r["structure"] for r in mine], "iou")

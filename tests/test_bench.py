@@ -1,6 +1,7 @@
 """The benchmark runner runs every suite and writes records in the project's JSON format."""
 
 import json
+import math
 
 from bench import run
 
@@ -56,6 +57,10 @@ def test_quality_smoke_runs_every_method_on_the_trained_toy_model(tmp_path):
     assert {"toyworld.mask_precision.instant", "toyworld.mask_recall.instant", "toyworld.mask_recall.adaptive",
             "toyworld.mask_iou.ground_truth_on_16x16", "toyworld.mask_iou.ground_truth_on_4x4",
             "toyworld.edit_success_rate.ground_truth_mask", "toyworld.background_psnr_db.latent_composite"} <= set(by)
+    # Every masked method is scored again pasted into the source (no extra sampling); unmasked ones are not.
+    assert {f"toyworld.{m}.{method}{suffix}" for m in ("edit_success_rate", "background_psnr_db_pooled")
+            for method in ("instdiffedit", "uam", "ground_truth_mask") for suffix in ("_pasted", "_pasted_grown")} <= set(by)
+    assert "toyworld.edit_success_rate.ddim_pasted" not in by
     assert all(0.0 <= by[m]["value"] <= 1.0 for m in by if m.startswith(("toyworld.mask_precision.",
                                                                          "toyworld.mask_recall."))), by
     # A coarser grid loses more of the region's outline.
@@ -205,3 +210,50 @@ def test_each_world_gets_its_own_readme_tables(tmp_path):
     assert "| 0.875 |" in fine and "**Probes on the toy world at 256 px** (toy world (b)" in fine
     assert "| output4 | 32x32 | n/a | n/a | n/a | 0.625 | n/a |" in fine
     assert "| Mask IoU, the true edit region on the 8x8 grid and back (a perfect mask's) | 0.750 |" in fine
+
+
+def test_pooled_psnr_is_that_of_the_mean_squared_error():
+    from bench.quality import pooled_psnr
+
+    # One exact background (infinite PSNR on its own) and one at 20 dB: the mean error is half the second's.
+    assert abs(pooled_psnr([0.0, 255.0 ** 2 / 100.0]) - 10.0 * math.log10(200.0)) < 1e-9
+
+
+def test_paste_takes_the_edit_inside_the_mask_and_the_source_outside():
+    import numpy as np
+    import torch
+
+    from fixtures.toy_graph import paste_into_source
+
+    source = np.full((9, 9, 3), 10, np.uint8)
+    edited = np.full((9, 9, 3), 200, np.uint8)
+    mask = torch.zeros(1, 9, 9)
+    mask[0, 4, 4] = 1.0
+    mask[0, 0, 0] = 0.5
+    out = paste_into_source(edited, source, mask)
+    expected = source.copy()
+    expected[4, 4] = 200
+    expected[0, 0] = 105  # alpha 0.5: (10 + 200) / 2
+    assert np.array_equal(out, expected)
+    # Grown by 2 (GrowMask, tapered corners): every pixel within 2 steps of the centre, counted along the axes.
+    grown = paste_into_source(edited, source, mask, grow_px=2)
+    rows, cols = np.indices((9, 9))
+    inside = np.abs(rows - 4) + np.abs(cols - 4) <= 2
+    assert np.all(grown[inside] == 200) and np.all(grown[~inside & (rows + cols > 2)] == 10)
+
+
+def test_the_pasted_table_reads_decoded_pasted_and_grown_side_by_side(tmp_path):
+    from bench import table
+
+    common = {"device": "cpu: test", "torch": "2", "commit": "abc", "date": "d", "steps": 50, "model": "toy world (a)"}
+    values = {"": 0.5, "_pasted": 0.75, "_pasted_grown": 0.625}
+    records = [{"metric": f"toyworld.edit_success_rate.ground_truth_mask{suffix}", "value": v, "unit": "rate", **common}
+               for suffix, v in values.items()]
+    records += [{"metric": f"toyworld.background_psnr_db_pooled.ground_truth_mask{suffix}", "value": 30.0 + 10 * v,
+                 "unit": "dB", **common} for suffix, v in values.items()]
+    records.append({"metric": "toyworld.background_psnr_db_pooled.vae_round_trip", "value": 38.25, "unit": "dB",
+                    **common})
+    text = "\n".join(table.quality_tables(records))
+    row = [line for line in text.splitlines() if line.startswith("| the true edit region")][-1]  # the pasted table's
+    assert "| 0.500 / 0.750 / 0.625 |" in row and "| 35.00 / 37.50 / 36.25 |" in row
+    assert "round trip's: 38.25 dB" in text
