@@ -96,7 +96,9 @@ class EditSampler(io.ComfyNode):
                 io.Latent.Output("source_latent", display_name="source_latent",
                     tooltip="The source branch: the reconstruction or original generation."),
                 io.Mask.Output("mask", display_name="mask",
-                    tooltip="The final edit mask at image resolution (all ones without a mask)."),
+                    tooltip="The final edit mask at image resolution (all ones without a mask). To keep the rest "
+                            "of a photo pixel for pixel, lay the decoded edit over the loaded image through it "
+                            "(Image Composite Masked)."),
             ],
         )
 
